@@ -1,0 +1,242 @@
+"""Typed configuration: YAML files -> frozen dataclasses, with `key.sub=value` overrides.
+
+Rules (nanoGPT/litgpt style): every setting is declared once, in a dataclass below, with its type, default and a
+one-line comment. An unknown key or a value of the wrong type is an error that names the key and the file.
+Configs are plain frozen data, so they pickle to Ray workers unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the key and where it came from."""
+
+
+# ---------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "artifacts/tiny-snips/model"  # HF hub id or local path of the base model (tiny default built offline)
+    quantization: Literal["none", "nf4"] = "none"  # nf4 = QLoRA: bitsandbytes 4-bit NF4 base weights
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype (bf16 on GPU, fp32 on CPU)
+    max_length: int = 512  # context length used for prompts + answers (tokens)
+    trust_remote_code: bool = False  # passed to from_pretrained for models with custom code
+
+    def __post_init__(self) -> None:
+        if self.max_length < 16:
+            raise ConfigError(f"model.max_length must be >= 16, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16  # LoRA rank
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA branch
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # module names that get adapters
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"lora.r must be > 0, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    include_schema: bool = False  # write the JSON Schema into the prompt (needed for per-request schemas)
+    instruction: str = "Extract the information in the text as JSON."  # task instruction shown to the model
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    max_new_tokens: int = 128  # generation budget; hitting it before the JSON closes is a `truncated` error
+    constrained: bool = True  # grammar-masked decoding (xgrammar) so outputs follow the schema
+    max_string_length: int = 64  # maxLength added to schema strings that have none (unbounded strings never stop)
+    max_array_items: int = 8  # maxItems added to schema arrays that have none
+    batch_size: int = 16  # prompts per generate() call
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    vocab_size: int = 2048  # byte-level BPE vocabulary size (multiple of 64)
+    hidden_size: int = 256  # model width (multiple of 64: 4-bit CPU kernels need in_features % 64 == 0)
+    intermediate_size: int = 768  # MLP width (multiple of 64)
+    num_layers: int = 4  # decoder layers
+    num_heads: int = 4  # attention heads
+    num_kv_heads: int = 4  # key/value heads (GQA when < num_heads)
+    max_position_embeddings: int = 512  # longest sequence the model supports
+    seed: int = 0  # seed for weights and tokenizer training order
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "intermediate_size"):
+            if getattr(self, key) % 64:
+                raise ConfigError(f"tiny.{key} must be a multiple of 64, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("tiny.hidden_size must be divisible by tiny.num_heads")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists -> tuples, nested dataclasses)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    bad = ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return build(tp, value, source=source, prefix=key + ".")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: key '{key}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(e)
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise bad
+        return value
+    raise ConfigError(f"{source}: key '{key}' has an unsupported annotation {tp}")
+
+
+def build(cls: type[T], data: dict, source: str = "<dict>", prefix: str = "") -> T:
+    """Build dataclass `cls` from a plain dict; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known keys under '{prefix or '<top>'}': {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command line: '{key}' sets a sub-key of a non-section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Load `cls` from a YAML file (optional) plus command-line overrides (which win)."""
+    data: dict = {}
+    source = "command line"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of keys, got {type(data).__name__}")
+    if overrides:
+        data = _merge(data, parse_overrides(overrides))
+        source = f"{source} + command-line overrides"
+    return build(cls, data, source=source)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-data view of a config (tuples -> lists), for manifests and logs."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(cfg))
+
+
+def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """Job command lines: `--config FILE` (optional) then `key=value` overrides."""
+    path = None
+    rest: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+            if path is None:
+                raise ConfigError("command line: --config needs a file path")
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        elif a in ("-h", "--help"):
+            raise SystemExit(0)
+        else:
+            rest.append(a)
+    return path, rest
+
+
+__all__ = ["ConfigError", "ModelConfig", "LoraConfig", "PromptConfig", "DecodingConfig", "TinyModelConfig",
+           "build", "load", "parse_overrides", "to_dict", "split_cli", "field"]

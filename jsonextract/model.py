@@ -1,0 +1,153 @@
+"""Model loading: base model by Hugging Face id or local path (optionally 4-bit NF4), LoRA attached by peft, and
+adapter directories (PEFT files + tokenizer + manifest.json) saved and loaded with a prompt-version check.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import LoraConfig, ModelConfig, PromptConfig, build
+from .prompt import PROMPT_VERSION
+from .schema import schema_hash
+
+MANIFEST = "manifest.json"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or adapter that cannot be loaded; the message names the path and the fix."""
+
+
+def torch_dtype(name: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _check_model_name(name: str) -> None:
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"model path {p} has no config.json (not a Hugging Face model folder)")
+        return
+    # Hub ids are `org/name`; anything else that is not on disk is a missing local path.
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelLoadError(f"model path not found: {name} (build the tiny default with "
+                             f"`python -m jsonextract.tiny --data ../shared/data/snips --out {name}`)")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    tok.padding_side = "left"  # batched generation needs left padding (transformers 5)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig, device: str = "cpu"):
+    """Base causal LM, optionally quantised to 4-bit NF4, in train mode (see note on 4-bit repacking)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _check_model_name(cfg.name)
+    dtype = torch_dtype(cfg.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.quantization == "nf4":
+        # quant_storage must equal the compute dtype: FSDP flattens/shards all parameters of a unit together and
+        # refuses mixed dtypes, so the packed 4-bit bytes are stored in a tensor of the compute dtype.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load model '{cfg.name}': {e}") from None
+    if cfg.quantization == "none":
+        model.to(device)
+    # from_pretrained returns eval mode. On CPUs with AVX512-BF16/AMX a 4-bit layer repacks its weights on its first
+    # eval-mode forward, which breaks FSDP wrapping afterwards: switch to train mode before any forward pass.
+    model.train()
+    return model
+
+
+def attach_lora(model, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, pcfg)
+
+
+def write_manifest(adapter_dir: str | Path, *, base_model: str, prompt: PromptConfig, schema: dict | None,
+                   config: dict, metrics: dict | None = None, step: int | None = None) -> dict:
+    from .config import to_dict
+
+    if Path(base_model).expanduser().exists():  # record local bases absolutely: jobs may run from another cwd
+        base_model = str(Path(base_model).expanduser().resolve())
+    manifest = {
+        "base_model": base_model,
+        "prompt_version": PROMPT_VERSION,
+        "prompt": to_dict(prompt),
+        "schema": schema,
+        "schema_hash": schema_hash(schema) if schema is not None else None,
+        "config": config,
+        "metrics": metrics or {},
+        "step": step,
+    }
+    Path(adapter_dir, MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    return manifest
+
+
+def read_manifest(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / MANIFEST
+    if not path.is_file():
+        raise ModelLoadError(f"{adapter_dir} is not an adapter directory: {MANIFEST} is missing")
+    manifest = json.loads(path.read_text())
+    if manifest.get("prompt_version") != PROMPT_VERSION:
+        raise ModelLoadError(
+            f"adapter {adapter_dir} was trained with prompt version {manifest.get('prompt_version')!r}, but this code "
+            f"builds prompt version {PROMPT_VERSION!r}: the model would see different text than it learned. "
+            f"Retrain the adapter, or use the project version that wrote it.")
+    return manifest
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    prompt: PromptConfig
+    schema: dict | None
+    manifest: dict | None
+
+
+def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: str = "cpu",
+                       merge: bool = True) -> LoadedModel:
+    """Base (+ adapter) ready for generation. With an adapter, the base model id, prompt settings and schema come
+    from its manifest, so inference renders exactly the prompt the adapter was trained on."""
+    import dataclasses
+
+    manifest = None
+    prompt = PromptConfig()
+    schema = None
+    tok_source = model_cfg.name
+    if adapter:
+        if not Path(adapter).is_dir():
+            raise ModelLoadError(f"adapter directory not found: {adapter}")
+        manifest = read_manifest(adapter)
+        model_cfg = dataclasses.replace(model_cfg, name=manifest["base_model"])
+        prompt = build(PromptConfig, manifest["prompt"], source=f"{adapter}/{MANIFEST}")
+        schema = manifest.get("schema")
+        tok_source = adapter
+    base = load_base(model_cfg, device)
+    tokenizer = load_tokenizer(tok_source)
+    model = base
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(base, adapter)
+        if merge and model_cfg.quantization == "none":
+            model = model.merge_and_unload()  # plain weights: no LoRA branch cost per token
+    model.eval()
+    return LoadedModel(model, tokenizer, prompt, schema, manifest)

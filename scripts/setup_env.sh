@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv and install the project into it; a no-op when pyproject.toml has not changed since the last install.
+# torch is installed first at the pinned CPU build that lies on this machine's disk (fast); the project's own
+# range (torch>=2.6,<2.14) is then already satisfied, so pip does not pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.jsonextract-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[setup] installing dependencies (about 2 minutes on a fresh machine)"
+.venv/bin/pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if [ "$(uname -m)" = "x86_64" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+    .venv/bin/pip install -q "torch==2.13.0"
+  fi
+fi
+.venv/bin/pip install -q -e ".[dev]"
+echo "$want" > "$stamp"
+echo "[setup] done"

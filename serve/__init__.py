@@ -1,0 +1,1 @@
+"""Ray Serve application for online extraction (see serve/app.py)."""

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import pytest
+
+from jsonextract import config as C
+from conftest import ROOT
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("max_new_tokens: 10\nmax_new_tokenz: 3\n")
+    with pytest.raises(C.ConfigError) as e:
+        C.load(C.DecodingConfig, p)
+    assert "max_new_tokenz" in str(e.value) and str(p) in str(e.value)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("max_new_tokens: lots\n")
+    with pytest.raises(C.ConfigError, match="max_new_tokens.*int"):
+        C.load(C.DecodingConfig, p)
+    with pytest.raises(C.ConfigError, match="quantization.*one of"):
+        C.load(C.ModelConfig, None, ["quantization=int3"])
+
+
+def test_overrides_nested_and_typed():
+    from dataclasses import dataclass, field
+
+    @dataclass(frozen=True)
+    class Job:
+        model: C.ModelConfig = field(default_factory=C.ModelConfig)
+        lora: C.LoraConfig = field(default_factory=C.LoraConfig)
+
+    job = C.load(Job, None, ["model.quantization=nf4", "lora.r=4", "lora.target_modules=[q_proj,v_proj]"])
+    assert job.model.quantization == "nf4" and job.lora.r == 4
+    assert job.lora.target_modules == ("q_proj", "v_proj")
+    with pytest.raises(C.ConfigError, match="lora.rank"):
+        C.load(Job, None, ["lora.rank=4"])
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.parse_overrides(["lora.r"])
+
+
+def test_post_init_checks():
+    with pytest.raises(C.ConfigError, match="multiple of 64"):
+        C.TinyModelConfig(hidden_size=100)
+
+
+def test_configs_pickle():
+    import pickle
+    cfg = C.load(C.LoraConfig, None, ["r=8"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def config_class_for(path: Path):
+    """The dataclass each configs/<kind>/ folder holds."""
+    kind = path.parent.name
+    if kind == "tiny":
+        return C.TinyModelConfig
+    import importlib.util
+    import sys
+    sys.path.insert(0, str(ROOT))
+    if kind == "train":
+        from jsonextract.train_config import TrainConfig
+        return TrainConfig
+    if kind == "extract":
+        from jsonextract.extract_config import ExtractConfig
+        return ExtractConfig
+    if kind == "serve":
+        return None  # Serve config files are Ray Serve's own format, checked in tests/test_serve.py
+    if kind == "pipeline":
+        from jsonextract.pipeline_config import PipelineConfig
+        return PipelineConfig
+    raise AssertionError(f"no config class for configs/{kind}/")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_config_loads(path):
+    cls = config_class_for(path)
+    if cls is not None:
+        C.load(cls, path)

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+
+from jsonextract import config as C
+from jsonextract.data import read_jsonl
+from jsonextract.model import ModelLoadError, attach_lora, load_base, load_tokenizer, read_manifest, write_manifest
+from jsonextract.prompt import PromptBuilder
+from conftest import SNIPS
+
+
+@pytest.fixture(scope="module")
+def records():
+    return [r for r in read_jsonl(SNIPS / "dev.jsonl") if r.ok][:20]
+
+
+@pytest.mark.parametrize("include_schema", [False, True])
+def test_training_and_inference_prompts_are_identical(tiny_model, snips_schema, records, include_schema):
+    tok = load_tokenizer(str(tiny_model))
+    pb = PromptBuilder(C.PromptConfig(include_schema=include_schema), snips_schema)
+    for r in records:
+        ex = pb.encode_example(tok, r.text, r.target, max_length=2048)
+        infer = pb.encode_prompt(tok, r.text).ids
+        n = len(infer)
+        assert ex.input_ids[:n] == infer  # same tokens up to the answer
+        assert all(l == -100 for l in ex.labels[:n]) and ex.labels[n:] == ex.input_ids[n:]
+        answer = tok.decode(ex.input_ids[n:-1])
+        assert json.loads(answer) == r.target and ex.input_ids[-1] == tok.eos_token_id
+        assert r.text in tok.decode(infer)
+    with_schema = pb.render(tok, "hi")
+    assert ('"properties"' in with_schema) == include_schema
+
+
+def test_plain_template_when_tokenizer_has_none(tiny_model, snips_schema):
+    tok = load_tokenizer(str(tiny_model))
+    tok.chat_template = None
+    text = PromptBuilder(C.PromptConfig(), snips_schema).render(tok, "play jazz")
+    assert text.startswith("### Instruction:") and "play jazz" in text and text.endswith("### Response:\n")
+
+
+def test_long_text_is_cut_and_flagged(tiny_model, snips_schema):
+    tok = load_tokenizer(str(tiny_model))
+    pb = PromptBuilder(C.PromptConfig(), snips_schema)
+    enc = pb.encode_prompt(tok, "play some music " * 200, max_tokens=64)
+    assert enc.truncated and len(enc.ids) <= 64
+    assert not pb.encode_prompt(tok, "play", max_tokens=64).truncated
+
+
+def test_tiny_model_build_is_deterministic(tmp_path):
+    from jsonextract.tiny import build
+    from safetensors.torch import load_file
+
+    cfg = C.TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1, num_kv_heads=1,
+                            vocab_size=512)
+    a = build(SNIPS, tmp_path / "a", cfg, max_records=500)
+    b = build(SNIPS, tmp_path / "b", cfg, max_records=500)
+    assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_auto_classes_load_and_generate(tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert model.config.model_type == "llama" and model.config.hidden_size % 64 == 0
+    ids = tok("play jazz", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5 or tok.eos_token_id in out[0].tolist()
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_lora_only_adapters_trainable(tiny_model, quantization):
+    model = load_base(C.ModelConfig(name=str(tiny_model), quantization=quantization))
+    model = attach_lora(model, C.LoraConfig(r=4, alpha=8))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    if quantization == "nf4":
+        import bitsandbytes as bnb
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    batch = torch.randint(5, 500, (2, 12))
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_missing_model_path_is_clear():
+    with pytest.raises(ModelLoadError, match="not found.*jsonextract.tiny"):
+        load_base(C.ModelConfig(name="artifacts/does-not-exist/model"))
+
+
+def test_manifest_prompt_version_mismatch_refused(tmp_path, snips_schema):
+    write_manifest(tmp_path, base_model="x/y", prompt=C.PromptConfig(), schema=snips_schema, config={})
+    assert read_manifest(tmp_path)["schema_hash"]
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    m["prompt_version"] = "0-old"
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelLoadError, match="prompt version '0-old'"):
+        read_manifest(tmp_path)
