@@ -130,6 +130,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `3e-3` as a string: accept numeric strings
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
@@ -204,7 +209,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
             raise ConfigError(f"{p}: top level must be a mapping of keys, got {type(data).__name__}")
     if overrides:
         data = _merge(data, parse_overrides(overrides))
-        source = f"{source} + command-line overrides"
+        source = "command line" if path is None else f"{source} + command-line overrides"
     return build(cls, data, source=source)
 
 

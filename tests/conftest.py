@@ -51,9 +51,10 @@ def tiny_model(tmp_path_factory) -> Path:
                                                num_heads=2, num_kv_heads=2, vocab_size=1024))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray for the whole session (ray.init is slow); shut down at the end so no workers are orphaned."""
+    """One local Ray per test module (the job-submission test runs its own `ray start` cluster instead);
+    shut down at the end so no workers are orphaned."""
     import ray
 
     if not ray.is_initialized():

@@ -1,0 +1,163 @@
+"""The training job for real at tiny scale: Ray Train TorchTrainer, 2 CPU workers, FSDP2 over a 4-bit base."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from jsonextract import config as C
+from jsonextract.train_config import TrainConfig
+from conftest import ROOT, SNIPS
+
+sys.path.insert(0, str(ROOT / "rayjobs"))
+import train as train_job  # noqa: E402
+
+
+def tiny_cfg(tiny_model: Path, tmp: Path, name: str, **over) -> TrainConfig:
+    base = [f"model.name={tiny_model}", "model.quantization=nf4", "model.max_length=160",
+            f"data.train_file={SNIPS / 'train.jsonl'}", f"data.dev_file={SNIPS / 'dev.jsonl'}",
+            "data.max_train_records=400", "optim.batch_size=8", "optim.max_steps=6", "optim.warmup_steps=1",
+            "optim.lr=3e-3", "eval.every_steps=0", "eval.loss_batches=1", "eval.decode_samples=4",
+            "decoding.max_new_tokens=24", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
+            f"run.name={name}", f"run.storage_path={tmp / 'runs'}", f"run.output_dir={tmp / 'out' / name}",
+            "run.checkpoint_every_steps=2", "run.log_every_steps=1", "run.keep_checkpoints=2"]
+    return C.load(TrainConfig, None, base + [f"{k}={v}" for k, v in over.items()])
+
+
+def run_fit(cfg: TrainConfig):
+    cfg = train_job.absolute_paths(cfg)
+    ckpt, metrics = train_job.fit_with_ray(cfg) if cfg.run.use_ray else train_job.fit_locally(cfg)
+    train_job.save_output(ckpt, cfg.run.output_dir)
+    return Path(cfg.run.output_dir), metrics
+
+
+def history(adapter: Path) -> list[dict]:
+    return json.loads((adapter / "history.json").read_text())
+
+
+def test_fsdp2_qlora_two_workers_trains_only_lora(ray_session, tiny_model, tmp_path):
+    from peft import PeftModel
+    from jsonextract.model import attach_lora, load_base
+
+    cfg = tiny_cfg(tiny_model, tmp_path, "fsdp2")
+    out, metrics = run_fit(cfg)
+    assert metrics["step"] == 6 and "dev_loss" in metrics and "dev_f1" in metrics
+
+    # loss falls over the run
+    losses = [h["loss"] for h in history(out) if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+    # only adapter files: no base weights, far smaller than the base
+    for ck in [p for p in (tmp_path / "runs" / "fsdp2").glob("checkpoint_*") if p.is_dir()]:
+        names = {p.name for p in ck.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json", "manifest.json", "trainer_state.pt"} <= names
+        assert "model.safetensors" not in names
+    base_bytes = (tiny_model / "model.safetensors").stat().st_size
+    assert (out / "adapter_model.safetensors").stat().st_size < base_bytes / 4
+
+    # LoRA parameters changed from their (seeded) initial values; base parameters are the untouched base
+    fresh = load_base(cfg.model)
+    torch.manual_seed(cfg.optim.seed)
+    init = dict(attach_lora(load_base(cfg.model), cfg.lora).named_parameters())
+    trained = PeftModel.from_pretrained(load_base(C.ModelConfig(name=str(tiny_model))), str(out))
+    lora = {n: p for n, p in trained.named_parameters() if "lora_" in n}
+    assert lora and all(not torch.allclose(p, init[n].to(p.dtype)) for n, p in lora.items() if "lora_B" in n)
+    base_now = dict(trained.get_base_model().named_parameters())
+    for n, p in fresh.named_parameters():
+        key = n.replace("q_proj.weight", "q_proj.base_layer.weight").replace("v_proj.weight", "v_proj.base_layer.weight")
+        if key in base_now and "embed" in n:
+            assert torch.equal(p, base_now[key])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompt_version"] and manifest["schema"]["properties"]["intent"]
+    assert manifest["config"]["model"]["quantization"] == "nf4"
+
+
+def test_resume_continues_at_step_k(ray_session, tiny_model, tmp_path):
+    out, m1 = run_fit(tiny_cfg(tiny_model, tmp_path, "resume", **{"optim.max_steps": 4}))
+    assert m1["step"] == 4
+    out, m2 = run_fit(tiny_cfg(tiny_model, tmp_path, "resume", **{"optim.max_steps": 8}))
+    h = history(out)
+    assert {"event": "resume", "step": 4} in h
+    steps = [e["step"] for e in h if "loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]  # no step trained twice
+    assert m2["step"] == 8
+
+
+def test_worker_failure_resumes_from_last_checkpoint(ray_session, tiny_model, tmp_path):
+    out, m = run_fit(tiny_cfg(tiny_model, tmp_path, "fault", **{"run.fail_at_step": 3, "run.max_failures": 1}))
+    assert m["step"] == 6
+    assert {"event": "resume", "step": 2} in history(out)
+
+
+def test_single_process_without_ray(tiny_model, tmp_path):
+    out, m = run_fit(tiny_cfg(tiny_model, tmp_path, "local", **{"run.use_ray": False, "optim.max_steps": 3}))
+    assert m["step"] == 3 and (out / "adapter_model.safetensors").is_file()
+
+
+def _train_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "rayjobs" / "train.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["optim.lr=fast"], "optim.lr"),
+    (["optim.learning_rate=1"], "optim.learning_rate"),
+    (["model.name=/nope/model"], "model path not found"),
+    (["--config", "configs/train/missing.yaml"], "config file not found"),
+])
+def test_bad_config_is_clear_error(args, expect):
+    r = _train_cli(*args)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr
+
+
+def test_malformed_training_file_names_file_and_line(tiny_model, tmp_path):
+    bad = tmp_path / "train.jsonl"
+    lines = (SNIPS / "train.jsonl").read_text().splitlines()[:5]
+    bad.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:] + ['{"id": "x", "target": {}}']) + "\n")
+    r = _train_cli(f"model.name={tiny_model}", f"data.train_file={bad}", f"data.schema_file={SNIPS / 'schema.json'}")
+    assert r.returncode == 2 and f"{bad}:3" in r.stderr and "skip_bad_records" in r.stderr
+    ok = subprocess.run([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(ROOT / 'rayjobs')!r})
+from jsonextract.training import check_records
+good, skipped = check_records({str(bad)!r}, True)
+print(len(good), skipped)"""], capture_output=True, text=True, timeout=60)
+    assert ok.stdout.split() == ["5", "2"]
+
+
+def test_ray_job_submit_on_local_cluster(tiny_model, tmp_path):
+    """`ray start --head` on 127.0.0.1, `ray job submit ... -- python rayjobs/train.py`, adapter generates."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
+    ray = str(Path(sys.executable).parent / "ray")
+    ports = ["--port=6391", "--dashboard-port=8277", "--ray-client-server-port=20011", "--dashboard-agent-listen-port=52377"]
+    subprocess.run([ray, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", *ports, "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    try:
+        out = tmp_path / "adapter"
+        cmd = [ray, "job", "submit", "--address", "http://127.0.0.1:8277", "--working-dir", str(ROOT), "--",
+               "python", "rayjobs/train.py", "--config", "configs/train/tiny_cpu.yaml", f"model.name={tiny_model}",
+               f"data.train_file={SNIPS / 'train.jsonl'}", f"data.dev_file={SNIPS / 'dev.jsonl'}",
+               "data.max_train_records=200", "optim.max_steps=2", "optim.batch_size=4", "eval.decode_samples=2",
+               "eval.loss_batches=1", "decoding.max_new_tokens=16", f"run.storage_path={tmp_path / 'runs'}",
+               f"run.output_dir={out}", "run.name=job"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in r.stdout.lower()
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    from jsonextract.model import load_for_inference
+    lm = load_for_inference(C.ModelConfig(), str(out))
+    ids = lm.tokenizer("play jazz", return_tensors="pt")
+    assert lm.model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+
+@pytest.mark.gpu
+def test_qlora_fsdp2_on_cuda(tiny_model, tmp_path):
+    out, m = run_fit(tiny_cfg(tiny_model, tmp_path, "gpu", **{"run.use_gpu": True, "run.num_workers": 1,
+                                                            "optim.max_steps": 2, "model.dtype": "bfloat16",
+                                                            "run.use_ray": False}))
+    assert m["step"] == 2
