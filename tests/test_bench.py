@@ -1,0 +1,21 @@
+"""Every benchmark's quick mode runs, so the benchmarks never rot (the figures themselves live in the README)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_bench(name: str, timeout: int = 900) -> str:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / name), "--quick"], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_train_bench_quick():
+    out = run_bench("train.py")
+    assert "| plain PEFT loop (1 process) |" in out and "2 workers" in out and "1-worker job / plain loop" in out
