@@ -125,8 +125,9 @@ class LoadedModel:
 
 def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: str = "cpu",
                        merge: bool = True) -> LoadedModel:
-    """Base (+ adapter) ready for generation. With an adapter, the base model id, prompt settings and schema come
-    from its manifest, so inference renders exactly the prompt the adapter was trained on."""
+    """Base (+ adapter) ready for generation. With an adapter, the base model id, its quantisation, the prompt
+    settings and the schema come from its manifest, so inference renders exactly the prompt the adapter was
+    trained on, over the same base."""
     import dataclasses
 
     manifest = None
@@ -137,7 +138,11 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: str 
         if not Path(adapter).is_dir():
             raise ModelLoadError(f"adapter directory not found: {adapter}")
         manifest = read_manifest(adapter)
-        model_cfg = dataclasses.replace(model_cfg, name=manifest["base_model"])
+        # Run the adapter on the base it was trained on: LoRA weights trained over an NF4 base learned to
+        # compensate that base's quantisation error, so the quantisation mode comes from the manifest.
+        trained = manifest.get("config", {}).get("model", {})
+        model_cfg = dataclasses.replace(model_cfg, name=manifest["base_model"],
+                                        quantization=trained.get("quantization", model_cfg.quantization))
         prompt = build(PromptConfig, manifest["prompt"], source=f"{adapter}/{MANIFEST}")
         schema = manifest.get("schema")
         tok_source = adapter

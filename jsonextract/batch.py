@@ -1,0 +1,299 @@
+"""Building blocks of the batch extraction job: input resolution and parsing into rows (malformed input becomes
+error rows, never a failed read), the actor that holds one model copy, chunk merging, resume and summaries.
+"""
+from __future__ import annotations
+
+import csv
+import fnmatch
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+from .extract_config import ExtractConfig
+
+OUTPUT_COLUMNS = ["id", "output", "valid", "error", "input_tokens", "output_tokens", "input_truncated", "chunks",
+                  "source", "target"]
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def resolve_inputs(spec: str) -> tuple[list[str], Any]:
+    """(paths, pyarrow filesystem) for a file, folder, glob or URI; an empty match is an error naming `spec`."""
+    import pyarrow.fs as pafs
+
+    if "://" in spec:
+        fs, path = pafs.FileSystem.from_uri(spec.split("*")[0].rsplit("/", 1)[0] if "*" in spec else spec)
+        base = path
+        pattern = spec.split("://", 1)[1] if "*" in spec else None
+    else:
+        fs, base, pattern = pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve()), None
+        if any(c in spec for c in "*?["):
+            import glob
+            paths = sorted(p for p in glob.glob(str(Path(spec).expanduser()), recursive=True) if Path(p).is_file())
+            if not paths:
+                raise FileNotFoundError(f"input: no files match {spec}")
+            return [str(Path(p).resolve()) for p in paths], fs
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input not found: {spec}")
+    if info.type == pafs.FileType.File:
+        return [base], fs
+    entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    paths = sorted(e.path for e in entries if e.type == pafs.FileType.File
+                   and not PurePosixPath(e.path).name.startswith((".", "_"))
+                   and (pattern is None or fnmatch.fnmatch(e.path, pattern.split("/", 1)[-1] if pattern else "*")))
+    if not paths:
+        raise FileNotFoundError(f"input: no files under {spec}")
+    return paths, fs
+
+
+def file_format(path: str, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    name = path.lower()
+    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".csv", "csv")):
+        if name.endswith(suffix):
+            return fmt
+    return "text"
+
+
+def _row(cfg: ExtractConfig, obj: Any, source: str, fallback_id: str) -> dict:
+    """Normalise one input record into the pipeline's row; problems go into `error`."""
+    row = {"id": fallback_id, "text": None, "target": None, "error": None, "source": source}
+    for c in cfg.passthrough_columns:
+        row[f"pass_{c}"] = None
+    if not isinstance(obj, dict):
+        row["error"] = f"bad_input: {source}: record is {type(obj).__name__}, not an object"
+        return row
+    rid = obj.get(cfg.id_column)
+    if rid is not None and str(rid) != "":
+        row["id"] = str(rid)
+    for c in cfg.passthrough_columns:
+        v = obj.get(c)
+        row[f"pass_{c}"] = None if v is None else (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
+    target = obj.get(cfg.target_column)
+    if isinstance(target, str):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError:
+            target = None
+    row["target"] = json.dumps(target, ensure_ascii=False) if isinstance(target, dict) else None
+    text = obj.get(cfg.text_column)
+    if text is None or (isinstance(text, float) and text != text):  # NaN from CSV/Parquet nulls
+        row["error"] = f"bad_input: {source}: missing '{cfg.text_column}'"
+    elif not isinstance(text, str):
+        row["error"] = f"bad_input: {source}: '{cfg.text_column}' is {type(text).__name__}, not a string"
+    elif not text.strip():
+        row["error"] = f"bad_input: {source}: '{cfg.text_column}' is empty"
+    else:
+        row["text"] = text
+    return row
+
+
+def parse_file(item: dict, cfg: ExtractConfig) -> Iterator[dict]:
+    """flat_map over read_binary_files rows: one pipeline row per record of the file, in file order."""
+    path, data = item["path"], item["bytes"]
+    name = PurePosixPath(path).name
+    fmt = file_format(path, cfg.input_format)
+    if fmt == "text":  # one document per file
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield _row(cfg, {}, path, name) | {"error": f"bad_input: {path}: not UTF-8 ({e.reason} at byte {e.start})"}
+            return
+        yield _row(cfg, {cfg.text_column: text, cfg.id_column: name}, path, name)
+        return
+    if fmt == "jsonl":
+        for n, raw in enumerate(data.split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            source, fallback = f"{path}:{n}", f"{name}:{n}"
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield _row(cfg, {}, source, fallback) | {"error": f"bad_input: {source}: not UTF-8 ({e.reason})"}
+                continue
+            except json.JSONDecodeError as e:
+                yield _row(cfg, {}, source, fallback) | {"error": f"bad_input: {source}: not valid JSON ({e.msg})"}
+                continue
+            yield _row(cfg, obj, source, fallback)
+        return
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            records = pq.read_table(io.BytesIO(data)).to_pylist()
+        else:
+            records = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+    except Exception as e:  # an unreadable file is one error row, the rest of the corpus goes on
+        yield _row(cfg, {}, path, name) | {"error": f"bad_input: {path}: cannot read as {fmt}: {e}"}
+        return
+    for n, obj in enumerate(records):
+        yield _row(cfg, obj, f"{path}:{n}", f"{name}:{n}")
+
+
+# ---------------------------------------------------------------------------------------------- the actor
+
+
+def merge_chunks(objs: list[dict]) -> dict:
+    """Merge per-chunk results in text order: the first non-null value of each field wins; lists are unioned
+    in order; nested objects merge the same way. Sound for extraction where each field has one value in the
+    document (the first mention counts), which is what the gold data of both shipped data sets assume."""
+    out: dict = {}
+    for obj in objs:
+        for k, v in obj.items():
+            cur = out.get(k)
+            if cur is None:
+                out[k] = v
+            elif isinstance(cur, dict) and isinstance(v, dict):
+                out[k] = merge_chunks([cur, v])
+            elif isinstance(cur, list) and isinstance(v, list):
+                out[k] = cur + [x for x in v if x not in cur]
+    return out
+
+
+class ExtractActor:
+    """One model copy per actor (map_batches on an actor pool). Never raises on a row: failures are error rows."""
+
+    def __init__(self, cfg: ExtractConfig, schema: dict | None):
+        if cfg.fail_actor_once and not os.path.exists(cfg.fail_actor_once):
+            Path(cfg.fail_actor_once).write_text("died once")
+            self._die = True
+        else:
+            self._die = False
+        from .decoding import Extractor
+        from .model import load_for_inference
+        from .prompt import PromptBuilder
+
+        self.cfg = cfg
+        lm = load_for_inference(cfg.model, cfg.adapter or None)
+        schema = schema if schema is not None else lm.schema
+        self.tokenizer = lm.tokenizer
+        budget = cfg.model.max_length - cfg.decoding.max_new_tokens
+        self.extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema), cfg.decoding,
+                                   max_prompt_tokens=budget, truncate_input=cfg.long_text == "truncate")
+        self.overhead = len(self.extractor.prompt.encode_prompt(self.tokenizer, "").ids)
+
+    def __call__(self, batch):
+        import pandas as pd
+
+        if self._die:  # TEST ONLY: simulate a crashed replica (process exit, like an OOM kill)
+            os._exit(1)
+        rows = batch.to_dict("records")
+        results: list[dict | None] = [None] * len(rows)
+        todo = []
+        for i, r in enumerate(rows):
+            if r["error"]:
+                results[i] = {"output": None, "valid": False, "error": r["error"], "input_tokens": 0,
+                              "output_tokens": 0, "input_truncated": False, "chunks": 0}
+            else:
+                todo.append(i)
+        for group in self._token_groups([rows[i]["text"] for i in todo], todo):
+            for i, res in zip(group, self._extract([rows[i]["text"] for i in group])):
+                results[i] = res
+        out = pd.DataFrame([{**{k: r[k] for k in ("id", "source", "target")}, **res,
+                             **{k: r[k] for k in r if k.startswith("pass_")}} for r, res in zip(rows, results)])
+        return out
+
+    def _token_groups(self, texts: list[str], idx: list[int]) -> list[list[int]]:
+        """Split rows into groups whose rows x longest prompt stays under pool.max_batch_tokens."""
+        lengths = [min(len(t) // 3 + self.overhead, self.extractor.max_prompt_tokens) for t in texts]  # cheap estimate
+        order = sorted(range(len(idx)), key=lambda j: lengths[j])
+        groups, cur, longest = [], [], 0
+        for j in order:
+            longest_new = max(longest, lengths[j])
+            if cur and longest_new * (len(cur) + 1) > self.cfg.pool.max_batch_tokens:
+                groups.append(cur)
+                cur, longest_new = [], lengths[j]
+            cur.append(idx[j])
+            longest = longest_new
+        return groups + ([cur] if cur else [])
+
+    def _extract(self, texts: list[str]) -> list[dict]:
+        try:
+            results = [self._one_or_chunks(t, r) for t, r in zip(texts, self.extractor.extract(texts))]
+        except Exception as e:  # a failure of the whole batch: retry row by row so one bad row cannot sink it
+            if len(texts) == 1:
+                return [{"output": None, "valid": False, "error": f"internal: {type(e).__name__}: {e}",
+                         "input_tokens": 0, "output_tokens": 0, "input_truncated": False, "chunks": 0}]
+            return [r for t in texts for r in self._extract([t])]
+        return results
+
+    def _one_or_chunks(self, text: str, res) -> dict:
+        if self.cfg.long_text == "chunk" and res.reason == "input_too_long":
+            return self._chunked(text)
+        return res.to_row() | {"chunks": 1}
+
+    def _chunked(self, text: str) -> dict:
+        from .schema import validation_error
+
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        window = max(self.extractor.max_prompt_tokens - self.overhead - 8, 16)
+        chunks = [self.tokenizer.decode(ids[i:i + window]) for i in range(0, len(ids), window)]
+        results = self.extractor.extract(chunks)
+        good = [r.output for r in results if r.valid]
+        base = {"input_tokens": sum(r.input_tokens for r in results),
+                "output_tokens": sum(r.output_tokens for r in results), "input_truncated": False,
+                "chunks": len(chunks)}
+        if not good:
+            return base | {"output": None, "valid": False, "error": f"{results[0].error} (all {len(chunks)} chunks)"}
+        merged = merge_chunks(good)
+        schema = self.extractor.default_schema
+        msg = validation_error(merged, schema) if schema is not None else None
+        if msg:
+            return base | {"output": None, "valid": False, "error": f"schema_invalid: merged chunks {msg}"}
+        from .schema import canonical_json, order_like_schema
+        return base | {"output": canonical_json(order_like_schema(merged, schema)), "valid": True, "error": None}
+
+
+# ---------------------------------------------------------------------------------------------- output side
+
+
+def output_files(output: str) -> list[str]:
+    """Result files already in the output folder (local or URI); underscore files (summaries) are not results."""
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(output) if "://" in output else (pafs.LocalFileSystem(), str(Path(output).resolve()))
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+        return []
+    entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(e.path for e in entries if e.type == pafs.FileType.File
+                  and e.path.endswith((".parquet", ".json", ".jsonl"))
+                  and not PurePosixPath(e.path).name.startswith(("_", ".")))
+
+
+def read_output_rows(files: list[str], output: str, columns: list[str] | None = None) -> list[dict]:
+    """Rows of result files; a file that cannot be read (cut short by a crash) is renamed aside and its rows
+    are simply extracted again."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs = pafs.FileSystem.from_uri(output)[0] if "://" in output else pafs.LocalFileSystem()
+    rows: list[dict] = []
+    for f in files:
+        try:
+            if f.endswith(".parquet"):
+                with fs.open_input_file(f) as fh:
+                    rows += pq.read_table(fh, columns=columns).to_pylist()
+            else:
+                with fs.open_input_stream(f) as fh:
+                    rows += [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
+        except Exception as e:
+            print(f"[extract] unreadable result file {f} ({e}); moved aside, its rows will be redone")
+            fs.move(f, f + ".corrupt")
+    if columns:
+        rows = [{c: r.get(c) for c in columns} for r in rows]
+    return rows
+
+
+def summarise(rows: list[dict], skipped: int, seconds: float) -> dict:
+    reasons = Counter((r["error"] or "").split(":", 1)[0] for r in rows if not r["valid"])
+    out_tokens = sum(r.get("output_tokens") or 0 for r in rows)
+    return {"rows_written": len(rows), "rows_skipped_already_done": skipped,
+            "valid": sum(1 for r in rows if r["valid"]), "errors_by_reason": dict(reasons),
+            "seconds": seconds, "rows_per_s": len(rows) / max(seconds, 1e-9),
+            "output_tokens_per_s": out_tokens / max(seconds, 1e-9)}
