@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import DecodingConfig
 from .prompt import PromptBuilder
-from .schema import SchemaError, bounded, canonical_json, check_schema, validation_error
+from .schema import SchemaError, bounded, canonical_json, check_schema, unsupported_features, validation_error
 
 
 @dataclass
@@ -103,6 +103,10 @@ class Extractor:
         key = canonical_json(schema, sort_keys=True)
         if key not in self._grammars:
             check_schema(schema)
+            bad = unsupported_features(schema)
+            if bad:
+                raise SchemaError(f"unsupported JSON Schema feature: {', '.join(bad)} (the constrained decoder "
+                                  f"cannot enforce it)")
             b = bounded(schema, self.cfg.max_string_length, self.cfg.max_array_items)
             try:
                 self._grammars[key] = self.compiler().compile_json_schema(

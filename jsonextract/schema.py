@@ -130,3 +130,30 @@ def flatten(obj: Any, prefix: str = "") -> set[tuple[str, str]]:
     else:
         items.add((prefix, json.dumps(obj)))
     return items
+
+
+# Keywords xgrammar 0.2.8 accepts but does not enforce (checked: a grammar compiled from {"not": ...} allows
+# what `not` forbids). The decoder refuses schemas that use them instead of emitting outputs that then fail
+# validation.
+UNENFORCED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+                       "unevaluatedProperties", "unevaluatedItems", "contains", "minContains", "maxContains",
+                       "propertyNames", "patternProperties", "$dynamicRef")
+_SUBSCHEMA = ("items", "additionalProperties", "additionalItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+
+
+def unsupported_features(schema: Any, path: str = "") -> list[str]:
+    """['not at /properties/x', ...]: keywords the constrained decoder cannot enforce (property *names* are fine)."""
+    if not isinstance(schema, dict):
+        return []
+    found = [f"{k} at {path or '/'}" for k in UNENFORCED_KEYWORDS if k in schema]
+    for k in _SUBSCHEMA:
+        found += unsupported_features(schema.get(k), f"{path}/{k}")
+    for k in _SUBSCHEMA_MAPS:
+        for name, sub in (schema.get(k) or {}).items() if isinstance(schema.get(k), dict) else []:
+            found += unsupported_features(sub, f"{path}/{k}/{name}")
+    for k in _SUBSCHEMA_LISTS:
+        for i, sub in enumerate(schema.get(k) or []) if isinstance(schema.get(k), list) else []:
+            found += unsupported_features(sub, f"{path}/{k}/{i}")
+    return found

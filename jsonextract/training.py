@@ -338,7 +338,10 @@ class DevDecoder:
     dev sample: generate() under FSDP would need every rank to run the same number of forward passes."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, tokenizer, prompt: PromptBuilder, records: list):
-        self.cfg, self.d, self.records = cfg, d, records[: cfg.eval.decode_samples]
+        n = cfg.eval.decode_samples
+        # Evenly spaced, not the first n: data files are often grouped by class (SNIPS dev is sorted by intent).
+        self.records = [records[i * len(records) // n] for i in range(min(n, len(records)))] if n else []
+        self.cfg, self.d = cfg, d
         self.model = None
         if d.main and self.records:
             from .decoding import Extractor

@@ -19,3 +19,8 @@ def run_bench(name: str, timeout: int = 900) -> str:
 def test_train_bench_quick():
     out = run_bench("train.py")
     assert "| plain PEFT loop (1 process) |" in out and "2 workers" in out and "1-worker job / plain loop" in out
+
+
+def test_extract_bench_quick():
+    out = run_bench("extract.py")
+    assert "| naive loop" in out and "| Ray Data job" in out and "constrained / unconstrained" in out

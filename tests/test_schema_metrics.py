@@ -87,3 +87,11 @@ def test_evaluate_cli_gold_against_itself_and_empty(tmp_path):
 def test_evaluate_cli_bad_input_is_one_line_error(tmp_path):
     r = _evaluate(tmp_path / "nope.jsonl", SNIPS / "test.jsonl", tmp_path / "m.json")
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_unenforceable_keywords_are_found_but_property_names_are_not():
+    from jsonextract.schema import unsupported_features
+    s = {"type": "object", "properties": {"not": {"type": "string"}, "x": {"anyOf": [{"not": {"type": "null"}}]}},
+         "if": {"required": ["x"]}}
+    assert unsupported_features(s) == ["if at /", "not at /properties/x/anyOf/0"]
+    assert unsupported_features({"type": "object", "properties": {"not": {"type": "string"}}}) == []

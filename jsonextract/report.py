@@ -1,0 +1,108 @@
+"""The run report: metrics tables, loss and dev-F1 curves (PNG), and example predictions, as Markdown."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def plot_history(history: list[dict], out_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    dev = [(h["step"], h["dev_loss"]) for h in history if "dev_loss" in h]
+    f1 = [(h["step"], h["dev_f1"]) for h in history if "dev_f1" in h]
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if dev:
+        ax.plot(*zip(*dev), "o-", label="dev loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=110)
+    files.append("loss.png")
+    plt.close(fig)
+    if f1:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*f1), "o-", label="dev field F1")
+        for key, label in (("dev_intent_f1", "dev intent F1"), ("dev_slots_f1", "dev slots F1")):
+            pts = [(h["step"], h[key]) for h in history if key in h]
+            if pts:
+                ax.plot(*zip(*pts), ".--", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("F1")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "dev_f1.png", dpi=110)
+        files.append("dev_f1.png")
+        plt.close(fig)
+    return files
+
+
+def _headline(m: dict) -> str:
+    groups = m.get("groups", {})
+    rows = [("records", f"{m['n']}"), ("JSON-valid rate", f"{m['json_valid_rate']:.1%}"),
+            ("schema-valid rate", f"{m['schema_valid_rate']:.1%}"), ("exact match", f"{m['exact_match']:.1%}"),
+            ("field precision", f"{m['precision']:.3f}"), ("field recall", f"{m['recall']:.3f}"),
+            ("field F1", f"{m['f1']:.3f}")]
+    for g, gm in groups.items():
+        rows.append((f"{g} F1 (P / R)", f"{gm['f1']:.3f} ({gm['precision']:.3f} / {gm['recall']:.3f})"))
+    return "\n".join(["| metric | value |", "|---|---:|"] + [f"| {a} | {b} |" for a, b in rows])
+
+
+def _fields(m: dict) -> str:
+    lines = ["| field | P | R | F1 | TP | FP | FN |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for f, x in m["per_field"].items():
+        lines.append(f"| {f} | {x['precision']:.3f} | {x['recall']:.3f} | {x['f1']:.3f} | {x['tp']} | {x['fp']} | "
+                     f"{x['fn']} |")
+    return "\n".join(lines)
+
+
+def _examples(pred_rows: list[dict], gold: dict[str, Any], texts: dict[str, str], k: int = 5) -> str:
+    from .schema import flatten
+
+    right, wrong = [], []
+    for r in pred_rows:
+        if r["id"] not in gold:
+            continue
+        out = json.loads(r["output"]) if r.get("output") else None
+        ok = out is not None and flatten(out) == flatten(gold[r["id"]])
+        (right if ok else wrong).append((r, out))
+    lines = []
+    for title, items in (("Right", right[:k]), ("Wrong", wrong[:k])):
+        lines.append(f"**{title}** ({len(right) if title == 'Right' else len(wrong)} in all)\n")
+        for r, out in items:
+            got = json.dumps(out, ensure_ascii=False) if out is not None else f"error: {r.get('error')}"
+            lines.append(f"- text: `{texts.get(r['id'], '')}`\n  - predicted: `{got}`\n"
+                         f"  - gold: `{json.dumps(gold[r['id']], ensure_ascii=False)}`")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out_dir: Path, *, title: str, metrics: dict, baseline: dict | None, history: list[dict],
+                 pred_rows: list[dict], gold_records: list, timings: dict[str, float], notes: str = "") -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot_history(history, out_dir)
+    gold = {r.id: r.target for r in gold_records}
+    texts = {r.id: r.text for r in gold_records}
+    parts = [f"# {title}\n", notes, "## Test metrics\n", _headline(metrics), ""]
+    if baseline:
+        parts += [f"Untrained model on the first {baseline['n']} records, same decoder: field F1 "
+                  f"{baseline['f1']:.3f}, exact match {baseline['exact_match']:.1%} "
+                  f"(fine-tuned: {metrics['f1']:.3f}, {metrics['exact_match']:.1%}).\n"]
+    parts += ["## Timings\n", "| step | seconds |", "|---|---:|"] + \
+             [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [""]
+    parts += ["## Curves\n"] + [f"![{p}]({p})\n" for p in plots]
+    parts += ["## Per-field\n", _fields(metrics), "", "## Examples\n", _examples(pred_rows, gold, texts)]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path
