@@ -23,21 +23,24 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
 def resolve_inputs(spec: str) -> tuple[list[str], Any]:
-    """(paths, pyarrow filesystem) for a file, folder, glob or URI; an empty match is an error naming `spec`."""
+    """(paths, pyarrow filesystem) for a file, folder, glob or URI (`s3://bucket/dir/*.jsonl`, `file:///...`);
+    an empty match is an error naming `spec`."""
     import pyarrow.fs as pafs
 
+    has_glob = any(c in spec for c in "*?[")
     if "://" in spec:
-        fs, path = pafs.FileSystem.from_uri(spec.split("*")[0].rsplit("/", 1)[0] if "*" in spec else spec)
-        base = path
-        pattern = spec.split("://", 1)[1] if "*" in spec else None
+        root = spec.split("*")[0].rsplit("/", 1)[0] if has_glob else spec  # the folder above the first wildcard
+        fs, base = pafs.FileSystem.from_uri(root)
+        pattern = base + spec[len(root):] if has_glob else None  # same form as the FileInfo paths it is matched to
+    elif has_glob:
+        import glob
+        paths = sorted(str(Path(p).resolve()) for p in glob.glob(str(Path(spec).expanduser()), recursive=True)
+                       if Path(p).is_file())
+        if not paths:
+            raise FileNotFoundError(f"input: no files match {spec}")
+        return paths, pafs.LocalFileSystem()
     else:
         fs, base, pattern = pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve()), None
-        if any(c in spec for c in "*?["):
-            import glob
-            paths = sorted(p for p in glob.glob(str(Path(spec).expanduser()), recursive=True) if Path(p).is_file())
-            if not paths:
-                raise FileNotFoundError(f"input: no files match {spec}")
-            return [str(Path(p).resolve()) for p in paths], fs
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input not found: {spec}")
@@ -46,10 +49,18 @@ def resolve_inputs(spec: str) -> tuple[list[str], Any]:
     entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     paths = sorted(e.path for e in entries if e.type == pafs.FileType.File
                    and not PurePosixPath(e.path).name.startswith((".", "_"))
-                   and (pattern is None or fnmatch.fnmatch(e.path, pattern.split("/", 1)[-1] if pattern else "*")))
+                   and (pattern is None or glob_match(e.path, pattern)))
     if not paths:
-        raise FileNotFoundError(f"input: no files under {spec}")
+        raise FileNotFoundError(f"input: no files {'match' if pattern else 'under'} {spec}")
     return paths, fs
+
+
+def glob_match(path: str, pattern: str) -> bool:
+    """Shell-style: `*` stays within one path segment; `**` spans any number of them."""
+    if "**" in pattern:
+        return fnmatch.fnmatch(path, pattern.replace("**", "*"))
+    parts, pats = path.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(fnmatch.fnmatch(a, b) for a, b in zip(parts, pats))
 
 
 def file_format(path: str, configured: str) -> str:

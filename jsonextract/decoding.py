@@ -126,8 +126,6 @@ class Extractor:
         return out
 
     def _extract_batch(self, texts: list[str], schemas: list[dict | None], max_new: int) -> list[Result]:
-        import torch
-
         results: list[Result | None] = [None] * len(texts)
         rows: list[tuple[int, list[int], dict | None, bool]] = []
         for i, (text, schema) in enumerate(zip(texts, schemas)):

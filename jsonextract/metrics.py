@@ -116,7 +116,9 @@ def read_rows(path: str) -> list[dict]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"not found: {p}")
-    files = sorted(x for x in p.rglob("*") if x.suffix in (".jsonl", ".json", ".parquet")) if p.is_dir() else [p]
+    # In a folder, files named _* or .* are not results (the batch job writes _summary.json and _metrics.json).
+    files = sorted(x for x in p.rglob("*") if x.suffix in (".jsonl", ".json", ".parquet")
+                   and not x.name.startswith(("_", "."))) if p.is_dir() else [p]
     rows: list[dict] = []
     for f in files:
         if f.suffix == ".parquet":

@@ -15,5 +15,9 @@ class PipelineConfig:
     limit: int = 0  # score only the first N records of the split (0 = all)
     baseline_limit: int = 100  # also score the untrained model on the first N records (0 = skip)
     out: str = "artifacts/main"  # report, predictions and metrics go to <out>/<name>
+    model_dir: str = ""  # where the tiny model is built (default: artifacts/tiny-<name>/model)
+    adapter_dir: str = ""  # where the fine-tuned adapter goes (default: artifacts/adapters/<name>)
+    start_at: int = 1  # first step to run (1 build, 2 train, 3 extract, 4 evaluate); earlier steps' outputs are reused
+    runs_dir: str = "runs"  # training checkpoints (run.storage_path); the pipeline starts <runs_dir>/<name> fresh
     train_overrides: tuple[str, ...] = ()  # extra key=value overrides for the training job
     extract_overrides: tuple[str, ...] = ()  # extra key=value overrides for the extraction job

@@ -404,6 +404,10 @@ def train_loop_per_worker(config: dict) -> None:
         restore_checkpoint(latest, model, optimizer, scheduler, state)
         state.history.append({"event": "resume", "step": state.step})
         log(f"resumed from {latest} at step {state.step}")
+        if state.step >= cfg.optim.max_steps:  # finished before: hand back its final checkpoint, train nothing
+            log(f"run already complete at step {state.step} (optim.max_steps={cfg.optim.max_steps})")
+            metrics = json.loads((latest / "manifest.json").read_text()).get("metrics", {}) if d.main else {}
+            reporter.report(metrics or {"step": state.step}, latest if d.main else None, state.step)
 
     # -- train
     pad = tokenizer.pad_token_id

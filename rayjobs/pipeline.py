@@ -29,14 +29,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-def step(title: str, cmd: list[str], timings: dict[str, float]) -> None:
+class StepFailed(Exception):
+    pass
+
+
+def step(title: str, cmd: list[str], timings: dict[str, float], number: int = 0, start_at: int = 1) -> None:
+    if number and number < start_at:
+        print(f"\n== {title}: skipped (start_at={start_at}), reusing its output", flush=True)
+        return
     print(f"\n== {title}\n   $ {' '.join(cmd)}", flush=True)
     t0 = time.time()
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"), TOKENIZERS_PARALLELISM="false")
     r = subprocess.run(cmd, cwd=ROOT, env=env)
     timings[title] = time.time() - t0
     if r.returncode != 0:
-        raise RuntimeError(f"step '{title}' failed (exit {r.returncode}); its output is above")
+        raise StepFailed(f"step '{title}' failed (exit {r.returncode}); its output is above. Fix it and re-run "
+                         f"with start_at=<that step's number> to reuse what the earlier steps wrote.")
 
 
 def slice_file(src: Path, dest: Path, limit: int) -> Path:
@@ -49,30 +57,36 @@ def slice_file(src: Path, dest: Path, limit: int) -> Path:
 def main() -> int:
     cfg = cli.parse(PipelineConfig)
     data, run_dir = Path(cfg.data), Path(cfg.out) / cfg.name
-    model_dir = Path("artifacts") / f"tiny-{cfg.name}" / "model"
-    adapter = Path("artifacts") / "adapters" / cfg.name
+    model_dir = Path(cfg.model_dir or f"artifacts/tiny-{cfg.name}/model")
+    adapter = Path(cfg.adapter_dir or f"artifacts/adapters/{cfg.name}")
+    old_run = Path(cfg.runs_dir) / cfg.name
+    if old_run.exists() and cfg.start_at <= 2:  # the pipeline is one fresh run; resuming is the training job's business
+        print(f"[pipeline] removing the previous run's checkpoints in {old_run}")
+        import shutil
+        shutil.rmtree(old_run)
     train_cfg = load(TrainConfig, cfg.train, list(cfg.train_overrides))
     timings: dict[str, float] = {}
     t_all = time.time()
 
     step("1/5 build the tiny model and tokenizer", [PY, "-m", "jsonextract.tiny", "--data", str(data), "--out",
-                                                    str(model_dir), "--config", cfg.tiny], timings)
+                                                    str(model_dir), "--config", cfg.tiny], timings, 1, cfg.start_at)
     step("2/5 fine-tune (Ray Train)", [PY, "rayjobs/train.py", "--config", cfg.train, f"model.name={model_dir}",
                                        f"data.train_file={data / 'train.jsonl'}", f"data.dev_file={data / 'dev.jsonl'}",
-                                       f"run.name={cfg.name}", f"run.output_dir={adapter}", *cfg.train_overrides],
-         timings)
+                                       f"run.name={cfg.name}", f"run.output_dir={adapter}",
+                                       f"run.storage_path={cfg.runs_dir}", *cfg.train_overrides],
+         timings, 2, cfg.start_at)
     split = slice_file(data / f"{cfg.split}.jsonl", run_dir / f"{cfg.split}.jsonl", cfg.limit)
     preds = run_dir / "predictions"
     step(f"3/5 batch-extract the {cfg.split} split (Ray Data)",
          [PY, "rayjobs/extract.py", "--config", cfg.extract, f"input={split}", f"output={preds}",
-          f"adapter={adapter}", "resume=false", *cfg.extract_overrides], timings)
+          f"adapter={adapter}", "resume=false", *cfg.extract_overrides], timings, 3, cfg.start_at)
     baseline = None
     if cfg.baseline_limit:
         base_in = slice_file(data / f"{cfg.split}.jsonl", run_dir / "baseline_input.jsonl", cfg.baseline_limit)
         step("   untrained-model baseline (same decoder)",
              [PY, "rayjobs/extract.py", "--config", cfg.extract, f"input={base_in}", f"output={run_dir / 'baseline'}",
               "adapter=", f"model.name={model_dir}", f"model.quantization={train_cfg.model.quantization}",
-              f"schema={data / 'schema.json'}", "resume=false", *cfg.extract_overrides], timings)
+              f"schema={data / 'schema.json'}", "resume=false", *cfg.extract_overrides], timings, 3, cfg.start_at)
         baseline = json.loads((run_dir / "baseline" / "_metrics.json").read_text())
     step("4/5 evaluate", [PY, "rayjobs/evaluate.py", f"predictions={preds}", f"gold={split}",
                           f"out={run_dir / 'metrics.json'}"], timings)
@@ -81,7 +95,9 @@ def main() -> int:
     print("\n== 5/5 report", flush=True)
     history = json.loads((adapter / "history.json").read_text())
     rows = read_output_rows(output_files(str(preds)), str(preds), ["id", "output", "valid", "error"])
-    notes = (f"Data: `{data}` ({cfg.split} split{f', first {cfg.limit} records' if cfg.limit else ''}). "
+    reused = f"Steps before {cfg.start_at} were reused from an earlier run (start_at={cfg.start_at}); their " \
+        "times are not in the table.\n\n" if cfg.start_at > 1 else ""
+    notes = reused + (f"Data: `{data}` ({cfg.split} split{f', first {cfg.limit} records' if cfg.limit else ''}). "
              f"Model: tiny Llama from `{cfg.tiny}`, fine-tuned with `{cfg.train}` "
              f"({train_cfg.run.num_workers} workers, {train_cfg.parallel.strategy}, "
              f"quantization {train_cfg.model.quantization}, LoRA r={train_cfg.lora.r}, {train_cfg.optim.max_steps} steps).\n")
@@ -96,4 +112,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    try:
+        cli.run_main(main)
+    except StepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -239,4 +239,7 @@ def build_app(args: dict) -> serve.Application:
             cfg = dataclasses.replace(cfg, **{key: str(Path(p).resolve())})
     if cfg.model.name and Path(cfg.model.name).exists():
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(Path(cfg.model.name).resolve())))
-    return Api.bind(Model.bind(cfg), cfg)
+    # Serve's default max_ongoing_requests (5) would cap every batch at 5 requests and the ingress at 5 in
+    # flight: let each model replica hold two full batches (one decoding, one filling) and the ingress many more.
+    model = Model.options(max_ongoing_requests=2 * cfg.max_batch_size)
+    return Api.options(max_ongoing_requests=64 * cfg.max_batch_size).bind(model.bind(cfg), cfg)

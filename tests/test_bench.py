@@ -24,3 +24,9 @@ def test_train_bench_quick():
 def test_extract_bench_quick():
     out = run_bench("extract.py")
     assert "| naive loop" in out and "| Ray Data job" in out and "constrained / unconstrained" in out
+
+
+def test_serve_bench_quick():
+    out = run_bench("serve.py")
+    assert "| batched (max_batch_size 32) | 32 |" in out and "| unbatched (max_batch_size 1) | 32 |" in out
+    assert "batched / unbatched" in out

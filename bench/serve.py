@@ -1,0 +1,101 @@
+"""Online serving throughput and latency: requests/s and p50/p99 latency at concurrency 1, 8 and 32, with
+@serve.batch batching on (max_batch_size 32) against max_batch_size 1, in the same run, over real HTTP on
+127.0.0.1.
+
+    .venv/bin/python bench/serve.py [--adapter artifacts/adapters/snips] [--requests 96]
+    .venv/bin/python bench/serve.py --quick
+
+Target: at concurrency 32, batching gives >= 2.5x the unbatched throughput, with p99 under 3x p50.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "snips"
+PORT = 8012
+
+
+def load_level(url: str, texts: list[str], concurrency: int, n: int, max_new: int) -> dict:
+    import requests
+
+    def one(i: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        r = requests.post(url, json={"text": texts[i % len(texts)], "max_new_tokens": max_new}, timeout=300)
+        return time.perf_counter() - t0, r.status_code
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        res = list(pool.map(one, range(n), timeout=1800))
+    wall = time.perf_counter() - t0
+    lat = sorted(x[0] for x in res)
+    p = lambda q: lat[min(int(q * len(lat)), len(lat) - 1)] * 1000  # noqa: E731
+    return {"rps": n / wall, "p50": p(0.50), "p99": p(0.99), "errors": sum(1 for x in res if x[1] != 200)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few requests per level (used by the tests)")
+    ap.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
+    ap.add_argument("--adapter", help="adapter dir (default: artifacts/adapters/snips if present, else the base)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    n = 16 if args.quick else args.requests
+    levels = (1, 8, 32)
+    adapter = args.adapter
+    if adapter is None and not args.quick and (ROOT / "artifacts/adapters/snips/manifest.json").is_file():
+        adapter = str(ROOT / "artifacts/adapters/snips")
+    texts = [json.loads(l)["text"] for l in (DATA / "test.jsonl").read_text().splitlines()[::7]]
+    results: dict[str, dict[int, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base: dict = {"adapter": adapter} if adapter else {}
+        if not adapter:
+            from jsonextract import config as C
+            from jsonextract.tiny import build
+            model = build(DATA, Path(tmp) / "tiny", C.load(C.TinyModelConfig, ROOT / "configs/tiny/snips.yaml"))
+            base = {"model": {"name": str(model)}, "schema": str(DATA / "schema.json")}
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        try:
+            for label, mbs in (("batched (max_batch_size 32)", 32), ("unbatched (max_batch_size 1)", 1)):
+                serve.run(build_app({**base, "max_batch_size": mbs, "batch_wait_timeout_s": 0.01,
+                                     "decoding": {"max_new_tokens": args.max_new_tokens}}),
+                          name="bench", route_prefix="/")
+                url = f"http://127.0.0.1:{PORT}/extract"
+                load_level(url, texts, 4, 8, args.max_new_tokens)  # warm-up
+                results[label] = {c: load_level(url, texts, c, max(n, c), args.max_new_tokens) for c in levels}
+                serve.delete("bench")
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    print(f"\nPOST /extract, {n} requests per level, max_new_tokens {args.max_new_tokens}, one CPU replica, "
+          f"{'adapter ' + Path(adapter).name if adapter else 'untrained tiny model'}\n")
+    print("| mode | concurrency | requests/s | p50 ms | p99 ms | non-200 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, by_c in results.items():
+        for c, m in by_c.items():
+            print(f"| {label} | {c} | {m['rps']:.1f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['errors']} |")
+    b = results["batched (max_batch_size 32)"][32]
+    u = results["unbatched (max_batch_size 1)"][32]
+    print(f"\nat concurrency 32: batched / unbatched requests/s = {b['rps'] / u['rps']:.1f}x (target >= 2.5x); "
+          f"batched p99 / p50 = {b['p99'] / b['p50']:.2f} (target < 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Batch-job pieces that need no Ray: input resolution (paths, globs, URIs), per-file parsing, chunk merging."""
+import json
+
+import pytest
+
+from jsonextract.batch import merge_chunks, parse_file, resolve_inputs
+from jsonextract.extract_config import ExtractConfig
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"id": "1", "text": "x"}\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"id": "2", "text": "y"}\n')
+    (tmp_path / "c.csv").write_text("id,text\n3,z\n")
+    (tmp_path / "_summary.json").write_text("{}")
+    return tmp_path
+
+
+def test_resolve_folder_glob_and_uri(corpus):
+    names = lambda paths: sorted(p.rsplit("/", 1)[1] for p in paths)  # noqa: E731
+    assert names(resolve_inputs(str(corpus))[0]) == ["a.jsonl", "b.jsonl", "c.csv"]  # _files are not input
+    assert names(resolve_inputs(str(corpus / "*.jsonl"))[0]) == ["a.jsonl"]
+    assert names(resolve_inputs(f"file://{corpus}/*.jsonl")[0]) == ["a.jsonl"]
+    assert names(resolve_inputs(f"file://{corpus}/sub")[0]) == ["b.jsonl"]
+    assert names(resolve_inputs(f"file://{corpus}")[0]) == ["a.jsonl", "b.jsonl", "c.csv"]
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        resolve_inputs(f"file://{corpus}/*.parquet")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_inputs(str(corpus / "missing.jsonl"))
+
+
+def test_parse_csv_rows_get_stable_ids_and_errors():
+    cfg = ExtractConfig(id_column="doc")
+    rows = list(parse_file({"path": "/d/x.csv", "bytes": b"doc,text\n,hello\nk2,\n"}, cfg))
+    assert rows[0]["id"] == "x.csv:0" and rows[0]["text"] == "hello" and rows[0]["error"] is None
+    assert rows[1]["id"] == "k2" and "empty" in rows[1]["error"]
+
+
+def test_merge_chunks_first_value_wins_lists_union():
+    merged = merge_chunks([{"a": None, "b": "x", "l": ["1"], "o": {"p": None}},
+                           {"a": "y", "b": "z", "l": ["1", "2"], "o": {"p": "q"}}])
+    assert merged == {"a": "y", "b": "x", "l": ["1", "2"], "o": {"p": "q"}}
