@@ -244,4 +244,4 @@ def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
 
 
 __all__ = ["ConfigError", "ModelConfig", "LoraConfig", "PromptConfig", "DecodingConfig", "TinyModelConfig",
-           "build", "load", "parse_overrides", "to_dict", "split_cli", "field"]
+           "build", "load", "parse_overrides", "to_dict", "split_cli"]

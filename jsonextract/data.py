@@ -94,19 +94,3 @@ def pad_batch(examples: list[Example], pad_id: int, multiple_of: int = 8) -> dic
         labels[i, : len(e)] = torch.tensor(e.labels)
         mask[i, : len(e)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def token_budget_batches(examples: list[Example], max_tokens: int, max_rows: int) -> list[list[Example]]:
-    """Group length-sorted examples so that rows x padded length stays under `max_tokens`."""
-    order = sorted(examples, key=len)
-    batches: list[list[Example]] = []
-    cur: list[Example] = []
-    for e in order:
-        longest = max([len(x) for x in cur] + [len(e)])
-        if cur and (longest * (len(cur) + 1) > max_tokens or len(cur) >= max_rows):
-            batches.append(cur)
-            cur = []
-        cur.append(e)
-    if cur:
-        batches.append(cur)
-    return batches

@@ -10,7 +10,6 @@ mismatch.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +96,3 @@ class PromptBuilder:
         return {"prompt_version": PROMPT_VERSION, "include_schema": self.cfg.include_schema,
                 "instruction": self.cfg.instruction}
 
-
-def parse_answer(text: str) -> Any:
-    return json.loads(text)
