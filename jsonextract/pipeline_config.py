@@ -12,8 +12,8 @@ class PipelineConfig:
     train: str = "configs/train/snips_cpu.yaml"  # training job config
     extract: str = "configs/extract/tiny_cpu.yaml"  # batch extraction job config
     split: str = "test"  # split that is extracted and scored at the end
-    limit: int = 0  # score only the first N records of the split (0 = all)
-    baseline_limit: int = 100  # also score the untrained model on the first N records (0 = skip)
+    limit: int = 0  # score only N records of the split, spread evenly over it (0 = all)
+    baseline_limit: int = 100  # also score the untrained model on N records spread over the split (0 = skip)
     out: str = "artifacts/main"  # report, predictions and metrics go to <out>/<name>
     model_dir: str = ""  # where the tiny model is built (default: artifacts/tiny-<name>/model)
     adapter_dir: str = ""  # where the fine-tuned adapter goes (default: artifacts/adapters/<name>)

