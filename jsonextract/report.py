@@ -96,7 +96,7 @@ def write_report(out_dir: Path, *, title: str, metrics: dict, baseline: dict | N
     texts = {r.id: r.text for r in gold_records}
     parts = [f"# {title}\n", notes, "## Test metrics\n", _headline(metrics), ""]
     if baseline:
-        parts += [f"Untrained model on {baseline["n"]} records of the split, same decoder: field F1 "
+        parts += [f"Untrained model on {baseline['n']} records of the split, same decoder: field F1 "
                   f"{baseline['f1']:.3f}, exact match {baseline['exact_match']:.1%} "
                   f"(fine-tuned: {metrics['f1']:.3f}, {metrics['exact_match']:.1%}).\n"]
     parts += ["## Timings\n", "| step | seconds |", "|---|---:|"] + \
