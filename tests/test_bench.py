@@ -30,3 +30,8 @@ def test_serve_bench_quick():
     out = run_bench("serve.py")
     assert "| batched (max_batch_size 32) | 32 |" in out and "| unbatched (max_batch_size 1) | 32 |" in out
     assert "batched / unbatched" in out
+
+
+def test_adapt_bench_quick():
+    out = run_bench("adapt.py")
+    assert "| qlora |" in out and "| lora |" in out and "| full |" in out and "QLoRA / full-weight dev loss" in out
