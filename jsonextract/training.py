@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -374,7 +375,7 @@ class DevDecoder:
 def train_loop_per_worker(config: dict) -> None:
     cfg: TrainConfig = config["cfg"]
     d = setup_distributed(cfg)
-    log = (lambda msg: print(f"[train rank0] {msg}", flush=True)) if d.main else (lambda msg: None)
+    log = say if d.main else (lambda msg: None)
 
     # -- data
     tokenizer = load_tokenizer(cfg.model.name)
@@ -482,6 +483,13 @@ def maybe_evaluate_and_checkpoint(model, optimizer, scheduler, state: State, cfg
     ckpt = save_checkpoint(model, optimizer, scheduler, state, cfg, d, tokenizer, schema, metrics) if do_ckpt else None
     reporter.report(metrics, ckpt, state.step)
     return True
+
+
+def say(msg: str) -> None:
+    """Progress line from rank 0. Not print(): Ray Train v2 patches print on workers to go to its logger *and*,
+    because Ray has wrapped sys.stdout, to the original print as well, so every line reached the driver twice."""
+    sys.stdout.write(f"[train rank0] {msg}\n")
+    sys.stdout.flush()
 
 
 def peak_rss_mb() -> float:
