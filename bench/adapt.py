@@ -40,7 +40,7 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
     from dataclasses import replace
 
     from jsonextract import config as C
-    from jsonextract.data import pad_batch
+    from jsonextract.data import pad_batch, spread
     from jsonextract.decoding import Extractor
     from jsonextract.metrics import Scorer
     from jsonextract.model import load_tokenizer
@@ -56,7 +56,7 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
     prompt = PromptBuilder(cfg.prompt, load_schema(DATA / "schema.json"))
     train, _ = tokenize(check_records(str(DATA / "train.jsonl"), False)[0], prompt, tok, cfg.model.max_length)
     dev_records = check_records(str(DATA / "dev.jsonl"), False)[0]
-    dev_records = [dev_records[i * len(dev_records) // dev_n] for i in range(dev_n)]  # spread over the intents
+    dev_records = spread(dev_records, dev_n)
     torch.manual_seed(0)
     model = load_model(mode, model_dir, cfg)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -70,6 +70,14 @@ def read_jsonl(path: str | Path, need_target: bool = False) -> Iterator[Record]:
             yield check_record(obj, source, fallback, need_target)
 
 
+def spread(items: list, n: int) -> list:
+    """`n` items evenly spaced over `items` (all of them if n <= 0 or n >= len). Not the first n: data files are
+    often grouped by class (SNIPS dev/test are sorted by intent, so the first 100 records are all AddToPlaylist)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 @dataclass(frozen=True)
 class Example:
     """One tokenised training example: answer-only labels (-100 on prompt tokens)."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .data import Example, pad_batch, read_jsonl
+from .data import Example, pad_batch, read_jsonl, spread
 from .metrics import Scorer
 from .model import attach_lora, load_base, load_tokenizer, torch_dtype, write_manifest
 from .prompt import PromptBuilder
@@ -340,8 +340,7 @@ class DevDecoder:
 
     def __init__(self, cfg: TrainConfig, d: Dist, tokenizer, prompt: PromptBuilder, records: list):
         n = cfg.eval.decode_samples
-        # Evenly spaced, not the first n: data files are often grouped by class (SNIPS dev is sorted by intent).
-        self.records = [records[i * len(records) // n] for i in range(min(n, len(records)))] if n else []
+        self.records = spread(records, n) if n else []
         self.cfg, self.d = cfg, d
         self.model = None
         if d.main and self.records:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from jsonextract import cli  # noqa: E402
 from jsonextract.batch import output_files, read_output_rows  # noqa: E402
 from jsonextract.config import load  # noqa: E402
-from jsonextract.data import read_jsonl  # noqa: E402
+from jsonextract.data import read_jsonl, spread  # noqa: E402
 from jsonextract.metrics import format_table, score_files  # noqa: E402
 from jsonextract.pipeline_config import PipelineConfig  # noqa: E402
 from jsonextract.report import write_report  # noqa: E402
@@ -48,12 +48,9 @@ def step(title: str, cmd: list[str], timings: dict[str, float], number: int = 0,
 
 
 def slice_file(src: Path, dest: Path, limit: int) -> Path:
-    """`limit` records spread evenly over the file (0 = all). Not the first `limit`: splits are often grouped by
-    class (SNIPS dev/test are sorted by intent, so its first 100 records are all AddToPlaylist)."""
+    """`limit` records spread evenly over the file (0 = all), see jsonextract.data.spread."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    lines = [l for l in src.read_text().splitlines() if l.strip()]
-    if limit and limit < len(lines):
-        lines = [lines[i * len(lines) // limit] for i in range(limit)]
+    lines = spread([l for l in src.read_text().splitlines() if l.strip()], limit)
     dest.write_text("\n".join(lines) + "\n")
     return dest
 

@@ -11,6 +11,7 @@ was not resolved, and FastAPI took the chat body for a required query parameter 
 """
 
 import asyncio
+from collections import deque
 import time
 import uuid
 from pathlib import Path
@@ -89,7 +90,9 @@ class Model:
         lm = load_for_inference(cfg.model, cfg.adapter or None, device=device)
         schema = lm.schema if lm.schema is not None else (load_schema(cfg.schema) if cfg.schema else None)
         self.cfg, self.manifest, self.schema = cfg, lm.manifest, schema
-        self.batch_sizes: list[int] = []  # decoded together per generate() call; GET /schema reports them
+        # Sizes of the last 1000 generate() batches (bounded: a replica runs for weeks) and a running count.
+        self.batch_sizes: deque = deque(maxlen=1000)
+        self.batch_count = 0
         self.extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema), cfg.decoding,
                                    max_prompt_tokens=cfg.model.max_length - cfg.decoding.max_new_tokens,
                                    truncate_input=cfg.long_text == "truncate")
@@ -98,9 +101,9 @@ class Model:
         self.extract_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     def info(self) -> dict:
-        recent = self.batch_sizes[-1000:]
+        recent = self.batch_sizes
         return {"schema": self.schema, "manifest": self.manifest,
-                "batches": {"count": len(self.batch_sizes), "mean_size_last_1000": sum(recent) / max(len(recent), 1),
+                "batches": {"count": self.batch_count, "mean_size_last_1000": sum(recent) / max(len(recent), 1),
                             "max_batch_size": self.cfg.max_batch_size}}
 
     def check(self, schema: dict | None) -> None:
@@ -132,6 +135,7 @@ class Model:
 
     def _extract_sync(self, items: list[dict]) -> list[dict]:
         self.batch_sizes.append(len(items))
+        self.batch_count += 1
         out: list[dict | None] = [None] * len(items)
         by_budget: dict[int, list[int]] = {}
         for i, it in enumerate(items):
