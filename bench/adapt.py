@@ -47,7 +47,7 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
     from jsonextract.train_config import TrainConfig
-    from jsonextract.training import check_records, lr_lambda, micro_batches, tokenize
+    from jsonextract.training import check_records, lr_lambda, mean_loss, micro_batches, tokenize
 
     cfg = C.load(TrainConfig, MAIN_CONFIG, [])
     cfg = replace(cfg, optim=replace(cfg.optim, lr=PEAK_LR[mode], max_steps=steps, batch_size=32,
@@ -73,18 +73,15 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
     train_s = time.time() - t0
+    dev_loss = mean_loss(model, tokenize(dev_records, prompt, tok, cfg.model.max_length)[0], 32, tok.pad_token_id)
     model.eval()
-    dev = tokenize(dev_records, prompt, tok, cfg.model.max_length)[0]
-    with torch.no_grad():
-        losses = [(model(**pad_batch(dev[i:i + 32], tok.pad_token_id)).loss.item(), len(dev[i:i + 32]))
-                  for i in range(0, len(dev), 32)]
     results = Extractor(model, tok, prompt, cfg.decoding).extract([r.text for r in dev_records])
     scorer = Scorer()
     for r, res in zip(dev_records, results):
         scorer.add(res.output, r.target, json_ok=res.reason not in ("invalid_json", "truncated"), schema_ok=res.valid)
     m = scorer.result()
     return {"trainable": sum(p.numel() for p in params), "tokens_per_s": tokens / train_s,
-            "dev_loss": sum(l * n for l, n in losses) / sum(n for _, n in losses), "schema_valid": m["schema_valid_rate"],
+            "dev_loss": dev_loss, "schema_valid": m["schema_valid_rate"],
             "intent": m["groups"]["intent"]["recall"], "slots_f1": m["groups"]["slots"]["f1"], "f1": m["f1"]}
 
 

@@ -67,10 +67,27 @@ def load_base(cfg: ModelConfig, device: str = "cpu"):
         raise ModelLoadError(f"cannot load model '{cfg.name}': {e}") from None
     if cfg.quantization == "none":
         model.to(device)
-    # from_pretrained returns eval mode. On CPUs with AVX512-BF16/AMX a 4-bit layer repacks its weights on its first
-    # eval-mode forward, which breaks FSDP wrapping afterwards: switch to train mode before any forward pass.
+    # from_pretrained returns eval mode; training code expects train mode (and see keep_4bit_layout).
     model.train()
     return model
+
+
+def keep_4bit_layout(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers pinned.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode under no_grad rewrites `weight.data` into a
+    blocked layout, turns the double-quantised absmax into bf16 and marks the *shared* quant_state as repacked.
+    Under FSDP2 `weight` is the all-gathered unsharded parameter: the next all-gather refills it from the
+    unchanged shards in the old layout while the quant_state still says "repacked", so every forward after the
+    first evaluation computed with scrambled weights (dev loss 19 where the written adapter has 0.02; training
+    diverged after each evaluation). A model that trains, or shares weights with one that trains, keeps the
+    canonical layout on every CPU; inference-only models may repack (it is bitsandbytes' fast CPU path)."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def attach_lora(model, cfg: LoraConfig):

@@ -46,7 +46,7 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = 50  # dev loss + extraction metrics every N steps, and at the end (0 = only at the end)
-    loss_batches: int = 8  # dev micro-batches per worker for dev loss
+    loss_examples: int = 256  # dev records for dev loss, spread over the dev file, split over workers (0 = all)
     decode_samples: int = 64  # dev records decoded (constrained) and scored with the shared metrics (0 = none)
 
 

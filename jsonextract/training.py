@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .data import Example, pad_batch, read_jsonl, spread
 from .metrics import Scorer
-from .model import attach_lora, load_base, load_tokenizer, torch_dtype, write_manifest
+from .model import attach_lora, keep_4bit_layout, load_base, load_tokenizer, torch_dtype, write_manifest
 from .prompt import PromptBuilder
 from .schema import load_schema
 from .train_config import TrainConfig
@@ -149,6 +149,7 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
 def build_model(cfg: TrainConfig, d: Dist):
     torch.manual_seed(cfg.optim.seed)
     model = attach_lora(load_base(cfg.model, str(d.device)), cfg.lora)
+    keep_4bit_layout(model)  # dev loss runs this model in eval mode: no in-place repacking (see its note)
     if cfg.parallel.activation_checkpointing:
         # Reentrant checkpointing: bitsandbytes 4-bit layers run custom autograd functions whose saved tensors do
         # not survive non-reentrant recomputation under FSDP; reentrant needs inputs that require grad, hence
@@ -316,21 +317,33 @@ def unwrap(model):
 # ---------------------------------------------------------------------------------------------- evaluation
 
 
-def dev_loss(model, dev: list[Example], cfg: TrainConfig, d: Dist, pad_id: int) -> float:
-    """Token-weighted dev loss; every rank runs the same number of forward passes (FSDP collectives)."""
+def dev_examples(dev: list[Example], cfg) -> list[Example]:
+    """The fixed dev-loss set: `eval.loss_examples` records spread over the dev file, the same at every evaluation
+    and for any number of workers, so a reported dev loss can be recomputed from the adapter alone."""
+    return spread(dev, cfg.loss_examples)
+
+
+def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, d: Dist | None = None) -> float:
+    """Answer-token-weighted mean loss over `examples`, in micro-batches of `batch_size` dealt round-robin to the
+    ranks of `d`. Under FSDP every rank must run the same number of forward passes (each is a collective), so a
+    rank without a batch of its own in the last round repeats one with weight 0."""
+    rank, world = (d.rank, d.world) if d else (0, 1)
+    device = d.device if d else next(model.parameters()).device
+    batches = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
+    rounds = -(-len(batches) // world)
+    was_training = model.training
     model.eval()
-    mine = dev[d.rank::d.world] or dev
-    bs = cfg.optim.batch_size
     total, count = 0.0, 0.0
     with torch.no_grad():
-        for i in range(cfg.eval.loss_batches):
-            batch = [mine[(i * bs + j) % len(mine)] for j in range(bs)]
-            b = {k: v.to(d.device) for k, v in pad_batch(batch, pad_id).items()}
-            tokens = float((b["labels"] != -100).sum())
+        for k in range(rounds):
+            i = k * world + rank
+            b = {n: v.to(device) for n, v in pad_batch(batches[min(i, len(batches) - 1)], pad_id).items()}
+            tokens = float((b["labels"][:, 1:] != -100).sum()) if i < len(batches) else 0.0
             total += float(model(**b).loss) * tokens
             count += tokens
-    model.train()
-    total, count = all_reduce_sum([total, count], d)
+    model.train(was_training)
+    if d is not None and world > 1:
+        total, count = all_reduce_sum([total, count], d)
     return total / max(count, 1.0)
 
 
@@ -474,7 +487,7 @@ def maybe_evaluate_and_checkpoint(model, optimizer, scheduler, state: State, cfg
     if state.history:
         metrics["train_loss"] = state.history[-1]["loss"]
     if do_eval and dev:
-        metrics["dev_loss"] = dev_loss(model, dev, cfg, d, pad)
+        metrics["dev_loss"] = mean_loss(model, dev_examples(dev, cfg.eval), cfg.optim.batch_size, pad, d)
         weights = {clean_name(n): full(p) for n, p in trainable(model)}  # collective
         metrics.update(decoder(weights))
         state.history.append({k: v for k, v in metrics.items() if k != "train_loss"})

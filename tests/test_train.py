@@ -21,7 +21,7 @@ def tiny_cfg(tiny_model: Path, tmp: Path, name: str, **over) -> TrainConfig:
     base = [f"model.name={tiny_model}", "model.quantization=nf4", "model.max_length=160",
             f"data.train_file={SNIPS / 'train.jsonl'}", f"data.dev_file={SNIPS / 'dev.jsonl'}",
             "data.max_train_records=400", "optim.batch_size=8", "optim.max_steps=6", "optim.warmup_steps=1",
-            "optim.lr=3e-3", "eval.every_steps=0", "eval.loss_batches=1", "eval.decode_samples=4",
+            "optim.lr=3e-3", "eval.every_steps=0", "eval.loss_examples=16", "eval.decode_samples=4",
             "decoding.max_new_tokens=24", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
             "lora.target_modules=[q_proj,v_proj,lm_head]",
             f"run.name={name}", f"run.storage_path={tmp / 'runs'}", f"run.output_dir={tmp / 'out' / name}",
@@ -143,7 +143,7 @@ def test_ray_job_submit_on_local_cluster(tiny_model, tmp_path):
                "python", "rayjobs/train.py", "--config", "configs/train/tiny_cpu.yaml", f"model.name={tiny_model}",
                f"data.train_file={SNIPS / 'train.jsonl'}", f"data.dev_file={SNIPS / 'dev.jsonl'}",
                "data.max_train_records=200", "optim.max_steps=2", "optim.batch_size=4", "eval.decode_samples=2",
-               "eval.loss_batches=1", "decoding.max_new_tokens=16", f"run.storage_path={tmp_path / 'runs'}",
+               "eval.loss_examples=16", "decoding.max_new_tokens=16", f"run.storage_path={tmp_path / 'runs'}",
                f"run.output_dir={out}", "run.name=job"]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -162,3 +162,72 @@ def test_qlora_fsdp2_on_cuda(tiny_model, tmp_path):
                                                             "optim.max_steps": 2, "model.dtype": "bfloat16",
                                                             "run.use_ray": False}))
     assert m["step"] == 2
+
+
+def _losses(adapter: Path) -> list[float]:
+    return [h["loss"] for h in history(adapter) if "loss" in h]
+
+
+def test_in_run_evaluation_does_not_change_training(ray_session, tiny_model, tmp_path):
+    """Evaluating mid-run must leave the sharded model exactly as it was: the per-step train losses of a run that
+    evaluates at every second step equal those of the same run that evaluates only at the end. (On CPUs with
+    AVX512-BF16, bitsandbytes repacks 4-bit weights in place on an eval-mode forward; under FSDP2 that corrupted
+    the all-gathered weights and every step after the first evaluation.)"""
+    common = {"optim.max_steps": 6, "run.checkpoint_every_steps": 0}
+    with_eval, _ = run_fit(tiny_cfg(tiny_model, tmp_path, "with-eval", **common, **{"eval.every_steps": 2}))
+    without, _ = run_fit(tiny_cfg(tiny_model, tmp_path, "without-eval", **common, **{"eval.every_steps": 0}))
+    evals = [h for h in history(with_eval) if "dev_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4, 6]
+    assert _losses(with_eval) == pytest.approx(_losses(without), rel=1e-6, abs=1e-6)
+
+
+def test_reported_dev_loss_equals_the_written_adapters(ray_session, tiny_model, tmp_path):
+    """The dev loss the 2-worker FSDP2 job reports is the dev loss of the adapter it wrote, computed again in one
+    process on the same dev examples."""
+    from peft import PeftModel
+    from jsonextract.model import keep_4bit_layout, load_base, load_tokenizer
+    from jsonextract.prompt import PromptBuilder
+    from jsonextract.schema import load_schema
+    from jsonextract.training import check_records, dev_examples, mean_loss, tokenize
+
+    cfg = tiny_cfg(tiny_model, tmp_path, "devloss", **{"eval.every_steps": 3, "eval.loss_examples": 40})
+    out, metrics = run_fit(cfg)
+    tok = load_tokenizer(str(tiny_model))
+    prompt = PromptBuilder(cfg.prompt, load_schema(SNIPS / "schema.json"))
+    dev = tokenize(check_records(cfg.data.dev_file, True)[0], prompt, tok, cfg.model.max_length)[0]
+    model = PeftModel.from_pretrained(load_base(cfg.model), str(out))
+    assert keep_4bit_layout(model) > 0  # the kernel path the job evaluates with, on every CPU
+    again = mean_loss(model, dev_examples(dev, cfg.eval), cfg.optim.batch_size, tok.pad_token_id)
+    assert metrics["dev_loss"] == pytest.approx(again, rel=1e-3)
+
+
+def test_4bit_kernel_paths_agree_and_training_never_repacks(tiny_model):
+    """Both bitsandbytes CPU paths, where this CPU has both: a pinned model (keep_4bit_layout) never repacks, even
+    in eval mode; on CPUs with AVX512-BF16 an unpinned eval-mode model repacks (the fast inference kernel) and
+    gives the same loss within bf16 rounding of the block scales."""
+    from bitsandbytes.functional import has_avx512bf16
+    from jsonextract.model import keep_4bit_layout, load_base, load_tokenizer
+    from jsonextract.prompt import PromptBuilder
+    from jsonextract.schema import load_schema
+    from jsonextract.training import check_records, mean_loss, tokenize
+
+    mcfg = C.ModelConfig(name=str(tiny_model), quantization="nf4", max_length=160)
+    tok = load_tokenizer(str(tiny_model))
+    prompt = PromptBuilder(C.PromptConfig(), load_schema(SNIPS / "schema.json"))
+    dev = tokenize(check_records(str(SNIPS / "dev.jsonl"), True, 24)[0], prompt, tok, 160)[0]
+
+    def repacked(model) -> bool:
+        return any(getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False)
+                   for p in model.parameters())
+
+    pinned = load_base(mcfg)
+    keep_4bit_layout(pinned)
+    training_path = mean_loss(pinned, dev, 8, tok.pad_token_id)
+    assert not repacked(pinned)
+    assert mean_loss(pinned, dev, 8, tok.pad_token_id) == training_path  # nothing changed in place
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes has only the canonical 4-bit path here")
+    free = load_base(mcfg)
+    inference_path = mean_loss(free, dev, 8, tok.pad_token_id)
+    assert repacked(free)
+    assert inference_path == pytest.approx(training_path, rel=1e-2)
