@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "snips"
+DATA = ROOT / "data" / "snips"
 MAIN_CONFIG = ROOT / "configs" / "train" / "snips_cpu.yaml"
 PEAK_LR = {"qlora": 2e-3, "lora": 2e-3, "full": 1e-3}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "snips"
+DATA = ROOT / "data" / "snips"
 
 
 def in_process(model: str, adapter: str | None, texts: list[str], constrained: bool, batch_size: int,

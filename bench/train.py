@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "snips"
+DATA = ROOT / "data" / "snips"
 
 
 def common(model: str, steps: int, log_every: int) -> list[str]:

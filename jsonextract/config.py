@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "artifacts/tiny-snips/model"  # HF hub id or local path of the base model (tiny default built offline)
+    name: str = "artifacts/base/smollm2-135m-instruct"  # HF hub id or local path of the base model (the default, SmolLM2-135M-Instruct, is built offline on first use)
     quantization: Literal["none", "nf4"] = "none"  # nf4 = QLoRA: bitsandbytes 4-bit NF4 base weights
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype (bf16 on GPU, fp32 on CPU)
     max_length: int = 512  # context length used for prompts + answers (tokens)

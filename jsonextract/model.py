@@ -24,16 +24,25 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _check_model_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Fail early on a missing local model; build the embedded default base on first use."""
+    from . import base
+
     p = Path(name).expanduser()
+    if base.is_default(name):
+        try:
+            base.ensure_base(p)
+        except base.BaseModelError as e:
+            raise ModelLoadError(str(e)) from None
+        return
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelLoadError(f"model path {p} has no config.json (not a Hugging Face model folder)")
         return
     # Hub ids are `org/name`; anything else that is not on disk is a missing local path.
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelLoadError(f"model path not found: {name} (build the tiny default with "
-                             f"`python -m jsonextract.tiny --data ../shared/data/snips --out {name}`)")
+        raise ModelLoadError(f"model path not found: {name} (the embedded default is {base.DEFAULT_DIR}: "
+                             f"`python -m jsonextract.base`; the tiny test model: `python -m jsonextract.tiny`)")
 
 
 def load_tokenizer(name: str):
@@ -51,7 +60,7 @@ def load_base(cfg: ModelConfig, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    _check_model_name(cfg.name)
+    check_model_name(cfg.name)
     dtype = torch_dtype(cfg.dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
     if cfg.quantization == "nf4":

@@ -48,6 +48,17 @@ def plot_history(history: list[dict], out_dir: Path) -> list[str]:
     return files
 
 
+def _side_by_side(runs: dict[str, dict]) -> str:
+    names = list(runs)
+    keys = [("schema-valid rate", "schema_valid_rate", "{:.1%}"), ("exact match", "exact_match", "{:.1%}"),
+            ("field F1", "f1", "{:.3f}")]
+    rows = [(label, [fmt.format(runs[n][k]) for n in names]) for label, k, fmt in keys]
+    for g in next(iter(runs.values())).get("groups", {}):
+        rows.append((f"{g} F1", [f"{runs[n]['groups'][g]['f1']:.3f}" for n in names]))
+    head = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    return "\n".join(head + [f"| {a} | " + " | ".join(v) + " |" for a, v in rows])
+
+
 def _headline(m: dict) -> str:
     groups = m.get("groups", {})
     rows = [("records", f"{m['n']}"), ("JSON-valid rate", f"{m['json_valid_rate']:.1%}"),
@@ -96,9 +107,9 @@ def write_report(out_dir: Path, *, title: str, metrics: dict, baseline: dict | N
     texts = {r.id: r.text for r in gold_records}
     parts = [f"# {title}\n", notes, "## Test metrics\n", _headline(metrics), ""]
     if baseline:
-        parts += [f"Untrained model on {baseline['n']} records of the split, same decoder: field F1 "
-                  f"{baseline['f1']:.3f}, exact match {baseline['exact_match']:.1%} "
-                  f"(fine-tuned: {metrics['f1']:.3f}, {metrics['exact_match']:.1%}).\n"]
+        n = next(iter(baseline.values()))["n"]
+        parts += [f"## Zero-shot base vs fine-tuned\n\nThe same {n} records spread over the split, the same "
+                  "constrained decoder, scored the same way:\n", _side_by_side(baseline), ""]
     parts += ["## Timings\n", "| step | seconds |", "|---|---:|"] + \
              [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [""]
     parts += ["## Curves\n"] + [f"![{p}]({p})\n" for p in plots]

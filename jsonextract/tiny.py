@@ -1,7 +1,7 @@
 """Build the embedded default model offline: a byte-level BPE tokenizer trained on a data set's texts and targets,
 plus a Llama-architecture model with random weights, both saved in Hugging Face format.
 
-    python -m jsonextract.tiny --data ../shared/data/snips --out artifacts/tiny-snips/model [--config configs/tiny/snips.yaml]
+    python -m jsonextract.tiny --data data/snips --out artifacts/tiny-snips/model [--config configs/tiny/snips.yaml]
 
 `AutoTokenizer` / `AutoModelForCausalLM` load the result from the directory, so every job loads it exactly as it
 would load `meta-llama/Llama-2-7b-hf`. Deterministic for a given seed and data.

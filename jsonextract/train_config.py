@@ -9,8 +9,8 @@ from .config import ConfigError, DecodingConfig, LoraConfig, ModelConfig, Prompt
 
 @dataclass(frozen=True)
 class TrainDataConfig:
-    train_file: str = "../shared/data/snips/train.jsonl"  # JSONL of {id, text, target}
-    dev_file: str = "../shared/data/snips/dev.jsonl"  # JSONL for dev loss and extraction metrics ("" = none)
+    train_file: str = "data/snips/train.jsonl"  # JSONL of {id, text, target}
+    dev_file: str = "data/snips/dev.jsonl"  # JSONL for dev loss and extraction metrics ("" = none)
     schema_file: str = ""  # JSON Schema of the targets (default: schema.json next to train_file)
     skip_bad_records: bool = False  # False: a malformed line stops the job before workers start; True: count + skip
     max_train_records: int = 0  # use only the first N good records (0 = all)
@@ -41,6 +41,7 @@ class ParallelConfig:
     mixed_precision: bool = True  # FSDP2 MixedPrecisionPolicy with model.dtype params, fp32 reduce (GPU only)
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: keep sharded params/grads/optimizer state in host memory
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
+    cpu_autocast: Literal["auto", "bf16", "off"] = "auto"  # CPU workers: matmuls in bf16 under torch.autocast, fp32 weights and loss (auto = where the CPU has native bf16)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Score predictions against gold records.
 
-    python rayjobs/evaluate.py predictions=out/preds.parquet gold=../shared/data/snips/test.jsonl [out=metrics.json]
+    python rayjobs/evaluate.py predictions=out/preds.parquet gold=data/snips/test.jsonl [out=metrics.json]
 
 Reports JSON-valid rate, schema-valid rate, field-level micro precision/recall/F1 over flattened paths (strings
 strip+casefold; list elements as a set; null/missing on both sides is no hit), exact match, and a per-field table.

