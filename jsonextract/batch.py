@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from .errors import UserError
 from .extract_config import ExtractConfig
 
 OUTPUT_COLUMNS = ["id", "output", "valid", "error", "input_tokens", "output_tokens", "input_truncated", "chunks",
@@ -37,13 +38,13 @@ def resolve_inputs(spec: str) -> tuple[list[str], Any]:
         paths = sorted(str(Path(p).resolve()) for p in glob.glob(str(Path(spec).expanduser()), recursive=True)
                        if Path(p).is_file())
         if not paths:
-            raise FileNotFoundError(f"input: no files match {spec}")
+            raise UserError(f"input: no files match {spec}")
         return paths, pafs.LocalFileSystem()
     else:
         fs, base, pattern = pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve()), None
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input not found: {spec}")
+        raise UserError(f"input not found: {spec}")
     if info.type == pafs.FileType.File:
         return [base], fs
     entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
@@ -51,7 +52,7 @@ def resolve_inputs(spec: str) -> tuple[list[str], Any]:
                    and not PurePosixPath(e.path).name.startswith((".", "_"))
                    and (pattern is None or glob_match(e.path, pattern)))
     if not paths:
-        raise FileNotFoundError(f"input: no files {'match' if pattern else 'under'} {spec}")
+        raise UserError(f"input: no files {'match' if pattern else 'under'} {spec}")
     return paths, fs
 
 

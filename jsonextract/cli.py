@@ -4,25 +4,28 @@ from __future__ import annotations
 import sys
 from typing import Callable, TypeVar
 
-from .config import ConfigError, load, split_cli
+from .config import load, split_cli
+from .errors import UserError
 
 T = TypeVar("T")
 
-# Errors that are the user's input, not a bug: printed as one line, exit code 2, no stack trace.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
 
 
 def parse(cls: type[T], argv: list[str] | None = None) -> T:
-    path, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    """The job's config from `[--config FILE] [key=value ...]`; `--help` lists every setting and exits."""
+    import __main__
+
+    doc = (getattr(__main__, "__doc__", None) or "").strip()
+    usage = doc or f"usage: {sys.argv[0]} [--config FILE] [key=value ...]"
+    path, overrides = split_cli(sys.argv[1:] if argv is None else argv, cls, usage)
     return load(cls, path, overrides)
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    from .model import ModelLoadError
-
+    """Run a job's main(): a UserError is one line on stderr and exit 2; any other exception keeps its traceback."""
     try:
         code = main()
-    except (*USER_ERRORS, ModelLoadError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

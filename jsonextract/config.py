@@ -15,10 +15,12 @@ from typing import Any, Literal, Optional, TypeVar
 
 import yaml
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad config file or override; the message names the key and where it came from."""
 
 
@@ -224,8 +226,48 @@ def to_dict(cfg: Any) -> dict:
     return conv(dataclasses.asdict(cfg))
 
 
-def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
-    """Job command lines: `--config FILE` (optional) then `key=value` overrides."""
+def field_comments(cls: type) -> dict[str, str]:
+    """{field name: its one-line comment} read from the class source, where each setting is declared once."""
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per setting: `key (type, default ...): comment`, sections flattened to dotted keys."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    lines: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines += describe(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, tuple):
+            default = list(default)
+        if typing.get_origin(tp) is Literal:
+            kind = " | ".join(str(a) for a in typing.get_args(tp))
+        else:
+            kind = _type_name(tp)
+        lines.append(f"  {prefix + f.name} ({kind}, default {default!r}): {comments.get(f.name, '')}")
+    return lines
+
+
+def help_text(cls: type, usage: str) -> str:
+    return "\n".join([usage, "", "Settings (in the --config YAML file, or key=value on the command line; "
+                      "command-line values win):", *describe(cls)])
+
+
+def split_cli(argv: list[str], cls: type | None = None, usage: str = "") -> tuple[Optional[str], list[str]]:
+    """Job command lines: `--config FILE` (optional) then `key=value` overrides; `--help` prints every setting
+    of `cls` with its type, default and comment, and exits."""
     path = None
     rest: list[str] = []
     it = iter(argv)
@@ -237,6 +279,8 @@ def split_cli(argv: list[str]) -> tuple[Optional[str], list[str]]:
         elif a.startswith("--config="):
             path = a.split("=", 1)[1]
         elif a in ("-h", "--help"):
+            if cls is not None:
+                print(help_text(cls, usage))
             raise SystemExit(0)
         else:
             rest.append(a)

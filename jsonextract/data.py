@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class Record:
@@ -50,7 +52,7 @@ def read_jsonl(path: str | Path, need_target: bool = False) -> Iterator[Record]:
     """Yield one Record per non-blank line; malformed lines come back with `error` set (file and line named)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise UserError(f"data file not found: {path}")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             source = f"{path}:{lineno}"

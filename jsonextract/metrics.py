@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from .errors import UserError
 from .schema import flatten
 
 
@@ -115,7 +116,7 @@ def read_rows(path: str) -> list[dict]:
 
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"not found: {p}")
+        raise UserError(f"not found: {p}")
     # In a folder, files named _* or .* are not results (the batch job writes _summary.json and _metrics.json).
     files = sorted(x for x in p.rglob("*") if x.suffix in (".jsonl", ".json", ".parquet")
                    and not x.name.startswith(("_", "."))) if p.is_dir() else [p]
@@ -130,7 +131,7 @@ def read_rows(path: str) -> list[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{f}:{n}: not valid JSON ({e.msg})") from None
+                        raise UserError(f"{f}:{n}: not valid JSON ({e.msg})") from None
     return rows
 
 
@@ -164,7 +165,7 @@ def score_files(predictions: str, gold: str, schema: dict | None = None,
     missing = 0
     for rec in read_jsonl(gold, need_target=True):
         if not rec.ok:
-            raise ValueError(f"gold file: {rec.error}")
+            raise UserError(f"gold file: {rec.error}")
         row = preds.get(rec.id)
         if row is None:
             missing += 1

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .config import LoraConfig, ModelConfig, PromptConfig, build
 from .prompt import PROMPT_VERSION
 from .schema import schema_hash
@@ -15,7 +16,7 @@ from .schema import schema_hash
 MANIFEST = "manifest.json"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError):
     """A model or adapter that cannot be loaded; the message names the path and the fix."""
 
 

@@ -10,8 +10,10 @@ from typing import Any
 import jsonschema
 from jsonschema import Draft202012Validator
 
+from .errors import UserError
 
-class SchemaError(ValueError):
+
+class SchemaError(UserError):
     """An invalid or unusable JSON Schema; the message says what and where."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import config as C
 from .data import read_jsonl
+from .errors import UserError
 from .prompt import PromptBuilder, load_dataset_schema
 from .schema import canonical_json
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = C.load(C.TinyModelConfig, args.config, args.overrides)
         t0 = time.time()
         out = build(args.data, args.out, cfg)
-    except (C.ConfigError, ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(out).parameters())

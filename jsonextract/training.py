@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
 from .data import Example, pad_batch, read_jsonl, spread
 from .metrics import Scorer
 from .model import attach_lora, keep_4bit_layout, load_base, load_tokenizer, torch_dtype, write_manifest
@@ -51,9 +52,9 @@ def check_records(path: str, skip_bad: bool, limit: int = 0) -> tuple[list, int]
         elif skip_bad:
             skipped += 1
         else:
-            raise ValueError(f"bad training record: {rec.error} (set data.skip_bad_records=true to skip such lines)")
+            raise UserError(f"bad training record: {rec.error} (set data.skip_bad_records=true to skip such lines)")
     if not good:
-        raise ValueError(f"{path}: no usable records")
+        raise UserError(f"{path}: no usable records")
     return good, skipped
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
+from jsonextract.errors import UserError  # noqa: E402
 from jsonextract.metrics import format_table, score_files  # noqa: E402
 from jsonextract.schema import load_schema  # noqa: E402
 
@@ -31,7 +32,7 @@ class EvaluateConfig:
 def main() -> int:
     cfg = cli.parse(EvaluateConfig)
     if not cfg.predictions or not cfg.gold:
-        raise ValueError("evaluate needs predictions=PATH and gold=PATH")
+        raise UserError("evaluate needs predictions=PATH and gold=PATH")
     schema_path = cfg.schema or str(Path(cfg.gold).with_name("schema.json"))
     schema = load_schema(schema_path) if Path(schema_path).is_file() else None
     metrics = score_files(cfg.predictions, cfg.gold, schema, cfg.only_predicted)

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
+from jsonextract.errors import UserError  # noqa: E402
 from jsonextract.batch import (ExtractActor, output_files, parse_file, read_output_rows, resolve_inputs,  # noqa: E402
                                summarise)
 from jsonextract.extract_config import ExtractConfig  # noqa: E402
@@ -31,7 +32,7 @@ def job_schema(cfg: ExtractConfig) -> dict | None:
         return load_schema(cfg.schema)
     if cfg.adapter:
         return read_manifest(cfg.adapter).get("schema")
-    raise ValueError("no schema: give schema=PATH or an adapter whose manifest has one")
+    raise UserError("no schema: give schema=PATH or an adapter whose manifest has one")
 
 
 def already_done(cfg: ExtractConfig) -> set[str]:
@@ -99,7 +100,7 @@ def main() -> int:
 
     cfg = cli.parse(ExtractConfig)
     if not cfg.input or not cfg.output:
-        raise ValueError("extract needs input=PATH and output=PATH")
+        raise UserError("extract needs input=PATH and output=PATH")
     schema = job_schema(cfg)
     # The base model, checked (and the embedded default built) once here, not by every actor at once.
     check_model_name(read_manifest(cfg.adapter)["base_model"] if cfg.adapter else cfg.model.name)

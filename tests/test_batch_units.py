@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from jsonextract.errors import UserError
+
 from jsonextract.batch import merge_chunks, parse_file, resolve_inputs
 from jsonextract.extract_config import ExtractConfig
 
@@ -24,9 +26,9 @@ def test_resolve_folder_glob_and_uri(corpus):
     assert names(resolve_inputs(f"file://{corpus}/*.jsonl")[0]) == ["a.jsonl"]
     assert names(resolve_inputs(f"file://{corpus}/sub")[0]) == ["b.jsonl"]
     assert names(resolve_inputs(f"file://{corpus}")[0]) == ["a.jsonl", "b.jsonl", "c.csv"]
-    with pytest.raises(FileNotFoundError, match="no files match"):
+    with pytest.raises(UserError, match="no files match"):
         resolve_inputs(f"file://{corpus}/*.parquet")
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         resolve_inputs(str(corpus / "missing.jsonl"))
 
 

@@ -86,3 +86,57 @@ def test_every_shipped_config_loads(path):
             C.build(ServeConfig, app["args"], source=f"{path} applications[{app['name']}].args")
     else:
         C.load(cls, path)
+
+
+@pytest.mark.parametrize("job,key", [("train.py", "optim.lr (float"), ("extract.py", "pool.num_actors (int"),
+                                     ("evaluate.py", "predictions (str"), ("pipeline.py", "baseline_limit (int")])
+def test_every_job_answers_help_with_its_settings(job, key):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / job), "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and key in r.stdout and "default" in r.stdout
+
+
+def test_every_setting_has_a_one_line_comment():
+    from jsonextract.config import describe
+    from jsonextract.extract_config import ExtractConfig
+    from jsonextract.pipeline_config import PipelineConfig
+    from jsonextract.serve_config import ServeConfig
+    from jsonextract.train_config import TrainConfig
+
+    for cls in (TrainConfig, ExtractConfig, PipelineConfig, ServeConfig):
+        for line in describe(cls):
+            assert not line.endswith(": "), f"{cls.__name__}: {line.strip()} has no comment"
+
+
+def test_user_errors_are_one_line_exit_2_and_bugs_keep_their_traceback(capsys):
+    from jsonextract import cli
+    from jsonextract.errors import UserError
+
+    def bad_input():
+        raise UserError("data/x.jsonl:3: not valid JSON")
+
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(bad_input)
+    assert e.value.code == 2 and capsys.readouterr().err == "error: data/x.jsonl:3: not valid JSON\n"
+
+    def bug():
+        raise ValueError("inside a library")
+
+    with pytest.raises(ValueError, match="inside a library"):
+        cli.run_main(bug)
+
+
+def test_the_repository_stands_on_its_own():
+    """Nothing reads a folder beside the checkout: a user's clone has nothing there."""
+    offenders = []
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in (".venv", ".git", "artifacts", "runs") or not path.is_file():
+            continue
+        if path.suffix in (".py", ".yaml", ".sh", ".md", ".toml") or path.parent.name == ".ci":
+            text = path.read_text(errors="replace")
+            if any(needle in text for needle in ("../" + "shared", '"shared" / ' + '"data"', "parent / " + '"shared"')):
+                offenders.append(str(rel))
+    assert not offenders, offenders
