@@ -8,7 +8,7 @@ dev loss and constrained-decoding dev metrics side by side. This is the experime
     .venv/bin/python bench/adapt.py --quick                 # a few steps (what the test suite runs)
 
 LoRA settings are the main job's (`configs/train/snips_cpu.yaml`: r=64 on every projection and lm_head); peak
-learning rates: 2e-3 for adapters (that config), 1e-3 for full weights (DESIGN.md calibration: 3e-3 was worse).
+learning rates: 2e-3 for adapters (that config), 1e-3 for full weights.
 """
 from __future__ import annotations
 

@@ -15,9 +15,6 @@ from typing import Any, Iterator
 from .errors import UserError
 from .extract_config import ExtractConfig
 
-OUTPUT_COLUMNS = ["id", "output", "valid", "error", "input_tokens", "output_tokens", "input_truncated", "chunks",
-                  "source", "target"]
-TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -1,7 +1,7 @@
 """Schema-constrained generation for batch and online use.
 
 xgrammar compiles each JSON Schema (bounded: see schema.bounded) into a grammar; a logits processor masks every
-token the grammar does not allow. Hard-won facts (DESIGN.md):
+token the grammar does not allow. Hard-won facts:
 - xgrammar forces object keys into the schema's order and writes `", "` / `": "` unless told otherwise. Training
   targets are compact JSON with keys in schema order (prompt.answer_text), and we compile with
   separators=(",", ":") and fixed order, so the grammar allows exactly the training format; a grammar that
@@ -13,13 +13,17 @@ token the grammar does not allow. Hard-won facts (DESIGN.md):
 """
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .config import DecodingConfig
 from .prompt import PromptBuilder
 from .schema import SchemaError, bounded, canonical_json, check_schema, unsupported_features, validation_error
+
+
+GRAMMAR_CACHE_BYTES = 256 << 20  # xgrammar's own compiled-grammar cache, bounded
 
 
 @dataclass
@@ -81,8 +85,12 @@ class Extractor:
     cfg: DecodingConfig
     max_prompt_tokens: int = 448
     truncate_input: bool = True  # False: an over-long text is an `input_too_long` error instead of being cut
+    grammar_cache_size: int = 256  # compiled grammars kept (LRU): a server sees a new schema with many requests
     _compiler: Any = None
-    _grammars: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Bounded by entries here and by bytes inside xgrammar (its compiler cache is unlimited by default).
+        self._compiled = functools.lru_cache(maxsize=self.grammar_cache_size)(self._compile)
 
     @property
     def default_schema(self) -> dict | None:
@@ -95,25 +103,26 @@ class Extractor:
             vocab = self.model.config.vocab_size
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab,
                                                       stop_token_ids=[self.tokenizer.eos_token_id])
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
         return self._compiler
 
     def grammar(self, schema: dict):
-        """Compiled grammar for `schema` (cached); SchemaError if the schema is invalid or unsupported."""
-        key = canonical_json(schema, sort_keys=True)
-        if key not in self._grammars:
-            check_schema(schema)
-            bad = unsupported_features(schema)
-            if bad:
-                raise SchemaError(f"unsupported JSON Schema feature: {', '.join(bad)} (the constrained decoder "
-                                  f"cannot enforce it)")
-            b = bounded(schema, self.cfg.max_string_length, self.cfg.max_array_items)
-            try:
-                self._grammars[key] = self.compiler().compile_json_schema(
-                    json.dumps(b), any_whitespace=False, separators=(",", ":"), strict_mode=True, any_order=False)
-            except Exception as e:  # xgrammar raises RuntimeError/ValueError for unsupported keywords
-                raise SchemaError(f"unsupported JSON Schema feature: {e}") from None
-        return self._grammars[key]
+        """Compiled grammar for `schema` (LRU-cached); SchemaError if the schema is invalid or unsupported."""
+        return self._compiled(canonical_json(schema, sort_keys=True))
+
+    def _compile(self, key: str):
+        schema = json.loads(key)
+        check_schema(schema)
+        bad = unsupported_features(schema)
+        if bad:
+            raise SchemaError(f"unsupported JSON Schema feature: {', '.join(bad)} (the constrained decoder "
+                              f"cannot enforce it)")
+        b = bounded(schema, self.cfg.max_string_length, self.cfg.max_array_items)
+        try:
+            return self.compiler().compile_json_schema(
+                json.dumps(b), any_whitespace=False, separators=(",", ":"), strict_mode=True, any_order=False)
+        except Exception as e:  # xgrammar raises RuntimeError/ValueError for unsupported keywords
+            raise SchemaError(f"unsupported JSON Schema feature: {e}") from None
 
     def extract(self, texts: list[str], schemas: list[dict | None] | None = None,
                 max_new_tokens: int | None = None) -> list[Result]:

@@ -57,8 +57,7 @@ def load_tokenizer(name: str):
 
 
 def load_base(cfg: ModelConfig, device: str = "cpu"):
-    """Base causal LM, optionally quantised to 4-bit NF4, in train mode (see note on 4-bit repacking)."""
-    import torch
+    """Base causal LM, optionally quantised to 4-bit NF4, in train mode (see keep_4bit_layout)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     check_model_name(cfg.name)

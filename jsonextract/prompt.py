@@ -91,8 +91,3 @@ class PromptBuilder:
         if len(prompt) + len(answer) > max_length:
             return None
         return Example(prompt + answer, [-100] * len(prompt) + answer)
-
-    def to_json(self) -> dict:
-        return {"prompt_version": PROMPT_VERSION, "include_schema": self.cfg.include_schema,
-                "instruction": self.cfg.instruction}
-

@@ -87,7 +87,7 @@ def bounded(schema: dict, max_string_length: int, max_array_items: int) -> dict:
     """Copy of `schema` where every string has a maxLength and every array a maxItems.
 
     Hard-won: with a weakly trained model, grammar-constrained output only terminates when every string/array in
-    the schema is bounded; unbounded schemas ran to max_new_tokens (DESIGN.md). Existing bounds are kept.
+    the schema is bounded; unbounded schemas ran to max_new_tokens. Existing bounds are kept.
     """
     out = copy.deepcopy(schema)
 

@@ -264,7 +264,7 @@ def save_checkpoint(model, optimizer, scheduler, state: State, cfg: TrainConfig,
                     metrics: dict) -> Path | None:
     """Adapter-only checkpoint (PEFT files + tokenizer + manifest + trainer state); written by rank 0.
     Every rank must call it: gathering the sharded LoRA weights and optimizer state is a collective."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
     weights = {clean_name(n): full(p) for n, p in trainable(model)}
     opt_state: dict[str, dict] = {}

@@ -1,5 +1,4 @@
 """Batch-job pieces that need no Ray: input resolution (paths, globs, URIs), per-file parsing, chunk merging."""
-import json
 
 import pytest
 

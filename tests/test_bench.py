@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from conftest import ROOT
 
@@ -18,7 +17,8 @@ def run_bench(name: str, timeout: int = 900) -> str:
 
 def test_train_bench_quick():
     out = run_bench("train.py")
-    assert "| plain PEFT loop (1 process) |" in out and "2 workers" in out and "1-worker job / plain loop" in out
+    assert "| plain PEFT loop: full logits, fp32 |" in out and "| plain loop + answer positions + bf16 autocast |" in out
+    assert "2 workers" in out and "2-worker job / plain full-logit fp32 loop tokens/s" in out
 
 
 def test_extract_bench_quick():

@@ -56,7 +56,6 @@ def config_class_for(path: Path):
     kind = path.parent.name
     if kind == "tiny":
         return C.TinyModelConfig
-    import importlib.util
     import sys
     sys.path.insert(0, str(ROOT))
     if kind == "train":

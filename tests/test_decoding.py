@@ -50,3 +50,14 @@ def test_over_long_input_error_when_truncation_off(extractor):
     ex = dataclasses.replace(extractor, truncate_input=False, max_prompt_tokens=32)
     res = ex.extract(["play " * 100])[0]
     assert res.reason == "input_too_long"
+
+
+def test_compiled_grammars_are_a_bounded_lru(extractor):
+    import dataclasses
+    ex = dataclasses.replace(extractor, grammar_cache_size=2)
+    schemas = [{"type": "object", "properties": {f"k{i}": {"type": "boolean"}}, "required": [f"k{i}"],
+                "additionalProperties": False} for i in range(3)]
+    for s in schemas + schemas[:1]:
+        ex.grammar(s)
+    info = ex._compiled.cache_info()
+    assert info.currsize == 2 and info.misses == 4  # the first schema was evicted by the third, compiled again

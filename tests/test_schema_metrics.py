@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from jsonextract.metrics import Scorer, score
+from jsonextract.metrics import score
 from jsonextract.schema import (SchemaError, bounded, check_schema, flatten, load_schema, order_like_schema,
                                 validation_error)
 from conftest import ROOT, SNIPS
