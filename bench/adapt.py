@@ -42,7 +42,7 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
     from jsonextract import config as C
     from jsonextract.data import pad_batch, spread
     from jsonextract.decoding import Extractor
-    from jsonextract.metrics import Scorer
+    from jsonextract.metrics import score_results
     from jsonextract.model import load_tokenizer
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
@@ -76,10 +76,7 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
     dev_loss = mean_loss(model, tokenize(dev_records, prompt, tok, cfg.model.max_length)[0], 32, tok.pad_token_id)
     model.eval()
     results = Extractor(model, tok, prompt, cfg.decoding).extract([r.text for r in dev_records])
-    scorer = Scorer()
-    for r, res in zip(dev_records, results):
-        scorer.add(res.output, r.target, json_ok=res.reason not in ("invalid_json", "truncated"), schema_ok=res.valid)
-    m = scorer.result()
+    m = score_results(zip(results, [r.target for r in dev_records]))
     return {"trainable": sum(p.numel() for p in params), "tokens_per_s": tokens / train_s,
             "dev_loss": dev_loss, "schema_valid": m["schema_valid_rate"],
             "intent": m["groups"]["intent"]["recall"], "slots_f1": m["groups"]["slots"]["f1"], "f1": m["f1"]}

@@ -46,7 +46,7 @@ def in_process(model: str, adapter: str | None, texts: list[str], constrained: b
 
 
 def ray_job(model: str, adapter: str | None, inp: Path, out: Path, max_new: int) -> dict:
-    cmd = [sys.executable, str(ROOT / "rayjobs" / "extract.py"), "--config", str(ROOT / "configs/extract/tiny_cpu.yaml"),
+    cmd = [sys.executable, str(ROOT / "rayjobs" / "extract.py"), "--config", str(ROOT / "configs/extract/cpu.yaml"),
            f"input={inp}", f"output={out}", f"adapter={adapter or ''}", f"model.name={model}",
            f"schema={'' if adapter else DATA / 'schema.json'}", f"decoding.max_new_tokens={max_new}"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
@@ -65,7 +65,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="40 records (used by the tests)")
     ap.add_argument("--records", type=int, default=500)
     ap.add_argument("--adapter", help="adapter dir (default: artifacts/adapters/snips if present, else the base)")
-    ap.add_argument("--model", help="base model (default: build a tiny one from SNIPS)")
+    ap.add_argument("--model", help="base model without adapter (default: the SmolLM2 base; --quick: a tiny one)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
     n = 40 if args.quick else args.records
@@ -77,7 +77,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         model = args.model
-        if not model:
+        if not model and not args.quick:
+            from jsonextract.base import DEFAULT_DIR, ensure_base
+            model = str(ensure_base(ROOT / DEFAULT_DIR))
+        elif not model:
             from jsonextract import config as C
             from jsonextract.tiny import build
             model = str(build(DATA, tmp / "tiny", C.load(C.TinyModelConfig, ROOT / "configs/tiny/snips.yaml")))

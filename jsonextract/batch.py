@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from .errors import UserError
 from .extract_config import ExtractConfig
+from .io import filesystem
 
 
 
@@ -28,7 +29,7 @@ def resolve_inputs(spec: str) -> tuple[list[str], Any]:
     has_glob = any(c in spec for c in "*?[")
     if "://" in spec:
         root = spec.split("*")[0].rsplit("/", 1)[0] if has_glob else spec  # the folder above the first wildcard
-        fs, base = pafs.FileSystem.from_uri(root)
+        fs, base = filesystem(root)
         pattern = base + spec[len(root):] if has_glob else None  # same form as the FileInfo paths it is matched to
     elif has_glob:
         import glob
@@ -38,7 +39,7 @@ def resolve_inputs(spec: str) -> tuple[list[str], Any]:
             raise UserError(f"input: no files match {spec}")
         return paths, pafs.LocalFileSystem()
     else:
-        fs, base, pattern = pafs.LocalFileSystem(), str(Path(spec).expanduser().resolve()), None
+        (fs, base), pattern = filesystem(spec), None
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"input not found: {spec}")
@@ -260,43 +261,6 @@ class ExtractActor:
 
 
 # ---------------------------------------------------------------------------------------------- output side
-
-
-def output_files(output: str) -> list[str]:
-    """Result files already in the output folder (local or URI); underscore files (summaries) are not results."""
-    import pyarrow.fs as pafs
-
-    fs, base = pafs.FileSystem.from_uri(output) if "://" in output else (pafs.LocalFileSystem(), str(Path(output).resolve()))
-    if fs.get_file_info(base).type == pafs.FileType.NotFound:
-        return []
-    entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    return sorted(e.path for e in entries if e.type == pafs.FileType.File
-                  and e.path.endswith((".parquet", ".json", ".jsonl"))
-                  and not PurePosixPath(e.path).name.startswith(("_", ".")))
-
-
-def read_output_rows(files: list[str], output: str, columns: list[str] | None = None) -> list[dict]:
-    """Rows of result files; a file that cannot be read (cut short by a crash) is renamed aside and its rows
-    are simply extracted again."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    fs = pafs.FileSystem.from_uri(output)[0] if "://" in output else pafs.LocalFileSystem()
-    rows: list[dict] = []
-    for f in files:
-        try:
-            if f.endswith(".parquet"):
-                with fs.open_input_file(f) as fh:
-                    rows += pq.read_table(fh, columns=columns).to_pylist()
-            else:
-                with fs.open_input_stream(f) as fh:
-                    rows += [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
-        except Exception as e:
-            print(f"[extract] unreadable result file {f} ({e}); moved aside, its rows will be redone")
-            fs.move(f, f + ".corrupt")
-    if columns:
-        rows = [{c: r.get(c) for c in columns} for r in rows]
-    return rows
 
 
 def summarise(rows: list[dict], skipped: int, seconds: float) -> dict:

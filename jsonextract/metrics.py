@@ -74,11 +74,40 @@ class Scorer:
         return out
 
 
-def score(pairs: Iterable[tuple[Any, Any]]) -> dict[str, Any]:
-    """Score (prediction, gold) pairs where a prediction of None means invalid/missing."""
+def judge(pred: Any, schema: dict | None = None) -> tuple[Any, bool, bool]:
+    """(parsed object or None, json_ok, schema_ok) for any kind of prediction: a decoder Result, a result row of
+    the batch job or of a predictions file (`output` as a JSON string or object, optional `valid`), a plain
+    object, or None (missing)."""
+    import json
+
+    from .schema import validation_error
+
+    if pred is None:
+        return None, False, False
+    if hasattr(pred, "valid") and hasattr(pred, "reason"):  # decoding.Result
+        return pred.output, pred.reason not in ("invalid_json", "truncated"), pred.valid
+    is_row = isinstance(pred, dict) and ("id" in pred or "valid" in pred) and ("output" in pred or "prediction" in pred)
+    row = pred if is_row else {"output": pred}
+    out = row.get("output", row.get("prediction"))
+    if isinstance(out, str):
+        try:
+            out = json.loads(out)
+        except json.JSONDecodeError:
+            return None, False, False
+    if out is None:
+        return None, False, False
+    ok = bool(row.get("valid", True))
+    if schema is not None:
+        ok = ok and validation_error(out, schema) is None
+    return out, True, ok
+
+
+def score_results(pairs: Iterable[tuple[Any, Any]], schema: dict | None = None) -> dict[str, Any]:
+    """The one way every job scores: (prediction, gold target) pairs, a prediction of any kind `judge` takes."""
     s = Scorer()
     for pred, gold in pairs:
-        s.add(pred, gold, json_ok=pred is not None, schema_ok=pred is not None)
+        obj, json_ok, schema_ok = judge(pred, schema)
+        s.add(obj, gold, json_ok, schema_ok)
     return s.result()
 
 
@@ -109,72 +138,21 @@ def format_table(metrics: dict[str, Any], max_fields: int = 60) -> str:
     return "\n".join(lines)
 
 
-def read_rows(path: str) -> list[dict]:
-    """Rows of a JSONL file, a Parquet file, or a folder of them (the batch job's output)."""
-    import json
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"not found: {p}")
-    # In a folder, files named _* or .* are not results (the batch job writes _summary.json and _metrics.json).
-    files = sorted(x for x in p.rglob("*") if x.suffix in (".jsonl", ".json", ".parquet")
-                   and not x.name.startswith(("_", "."))) if p.is_dir() else [p]
-    rows: list[dict] = []
-    for f in files:
-        if f.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            rows += pq.read_table(f).to_pylist()
-        else:
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise UserError(f"{f}:{n}: not valid JSON ({e.msg})") from None
-    return rows
-
-
-def prediction_of(row: dict, schema: dict | None) -> tuple[Any, bool, bool]:
-    """(parsed object or None, json_ok, schema_ok) for one prediction row of the batch job or a plain file."""
-    import json
-
-    from .schema import validation_error
-
-    out = row.get("output", row.get("prediction"))
-    if isinstance(out, str):
-        try:
-            out = json.loads(out)
-        except json.JSONDecodeError:
-            return None, False, False
-    if out is None:
-        return None, False, False
-    if schema is not None:
-        return out, True, validation_error(out, schema) is None
-    return out, True, bool(row.get("valid", True))
-
-
 def score_files(predictions: str, gold: str, schema: dict | None = None,
                 only_predicted: bool = False) -> dict[str, Any]:
     """Score a predictions file/folder against gold JSONL by id; a gold id with no prediction counts as invalid
     (or is left out with only_predicted=True, for runs over a slice)."""
     from .data import read_jsonl
+    from .io import read_results
 
-    preds = {str(r["id"]): r for r in read_rows(predictions) if "id" in r}
-    s = Scorer()
-    missing = 0
+    preds = {str(r["id"]): r for r in read_results(predictions) if "id" in r}
+    golds = []
     for rec in read_jsonl(gold, need_target=True):
         if not rec.ok:
             raise UserError(f"gold file: {rec.error}")
-        row = preds.get(rec.id)
-        if row is None:
-            missing += 1
-            if only_predicted:
-                continue
-            s.add(None, rec.target, False, False)
-            continue
-        obj, json_ok, schema_ok = prediction_of(row, schema)
-        s.add(obj, rec.target, json_ok, schema_ok)
-    result = s.result()
+        golds.append(rec)
+    missing = sum(1 for rec in golds if rec.id not in preds)
+    pairs = [(preds.get(rec.id), rec.target) for rec in golds if rec.id in preds or not only_predicted]
+    result = score_results(pairs, schema)
     result["missing_predictions"] = missing
     return result

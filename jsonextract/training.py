@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .errors import UserError
 from .data import Example, pad_batch, read_jsonl, spread
-from .metrics import Scorer
+from .metrics import score_results
 from .model import attach_lora, keep_4bit_layout, load_base, load_tokenizer, torch_dtype, write_manifest
 from .prompt import PromptBuilder
 from .schema import load_schema
@@ -372,10 +372,7 @@ class DevDecoder:
         self.model.eval()
         results = self.extractor.extract([r.text for r in self.records])
         self.model.train()
-        s = Scorer()
-        for r, res in zip(self.records, results):
-            s.add(res.output, r.target, json_ok=res.reason not in ("invalid_json", "truncated"), schema_ok=res.valid)
-        m = s.result()
+        m = score_results(zip(results, [r.target for r in self.records]))
         out = {"dev_f1": m["f1"], "dev_exact_match": m["exact_match"], "dev_schema_valid": m["schema_valid_rate"]}
         for g, gm in m["groups"].items():
             out[f"dev_{g}_f1"] = gm["f1"]

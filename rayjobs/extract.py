@@ -1,6 +1,6 @@
 """Extract JSON from a corpus with Ray Data: read -> map_batches on an actor pool (one model copy per actor) -> write.
 
-    python rayjobs/extract.py --config configs/extract/tiny_cpu.yaml input=DATA output=OUT [adapter=DIR] [key=value ...]
+    python rayjobs/extract.py --config configs/extract/cpu.yaml input=DATA output=OUT [adapter=DIR] [key=value ...]
     ray job submit --working-dir . -- python rayjobs/extract.py --config configs/extract/gpu.yaml input=s3://... output=s3://...
 
 Every input row yields exactly one output row: a result, or an error row with its reason. Running again into the
@@ -17,10 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from jsonextract import cli  # noqa: E402
 from jsonextract.errors import UserError  # noqa: E402
-from jsonextract.batch import (ExtractActor, output_files, parse_file, read_output_rows, resolve_inputs,  # noqa: E402
+from jsonextract.batch import (ExtractActor, parse_file, resolve_inputs,  # noqa: E402
                                summarise)
 from jsonextract.extract_config import ExtractConfig  # noqa: E402
-from jsonextract.metrics import Scorer, format_table, prediction_of  # noqa: E402
+from jsonextract.io import quarantine_unreadable, read_results, result_files, write_json  # noqa: E402
+from jsonextract.metrics import format_table, score_results  # noqa: E402
 from jsonextract.model import check_model_name, read_manifest  # noqa: E402
 from jsonextract.schema import load_schema  # noqa: E402
 
@@ -38,7 +39,11 @@ def job_schema(cfg: ExtractConfig) -> dict | None:
 def already_done(cfg: ExtractConfig) -> set[str]:
     if not cfg.resume:
         return set()
-    return {r["id"] for r in read_output_rows(output_files(cfg.output), cfg.output, ["id"])}
+    moved = quarantine_unreadable(cfg.output)
+    for f in moved:
+        print(f"[extract] unreadable result file {f} (cut short by a crash?): set aside as {f}.corrupt; "
+              "its rows are extracted again")
+    return {r["id"] for r in read_results(cfg.output, ["id"], files=result_files(cfg.output))}
 
 
 def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs, done_ref):
@@ -74,25 +79,10 @@ def write(ds, cfg: ExtractConfig) -> None:
 
 
 def score(cfg: ExtractConfig, schema: dict | None) -> dict | None:
-    rows = read_output_rows(output_files(cfg.output), cfg.output, ["id", "output", "valid", "target"])
-    gold = [r for r in rows if r.get("target")]
-    if not gold:
-        return None
-    s = Scorer()
-    for r in gold:
-        obj, json_ok, schema_ok = prediction_of(r, schema)
-        s.add(obj, json.loads(r["target"]), json_ok, schema_ok and bool(r["valid"]))
-    return s.result()
-
-
-def write_json_next_to_output(cfg: ExtractConfig, name: str, obj: dict) -> str:
-    import pyarrow.fs as pafs
-    fs, base = pafs.FileSystem.from_uri(cfg.output) if "://" in cfg.output else \
-        (pafs.LocalFileSystem(), str(Path(cfg.output).resolve()))
-    path = f"{base}/{name}"
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(obj, indent=1).encode())
-    return path
+    """Metrics of every row in the output folder whose input carried a gold `target` (None if none did)."""
+    rows = read_results(cfg.output, ["id", "output", "valid", "target"], files=result_files(cfg.output))
+    pairs = [(r, json.loads(r["target"])) for r in rows if r.get("target")]
+    return score_results(pairs, schema) if pairs else None
 
 
 def main() -> int:
@@ -109,20 +99,20 @@ def main() -> int:
     print(f"[extract] {len(paths)} input file(s); {len(done)} ids already in {cfg.output}")
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
-    before = set(output_files(cfg.output))
+    before = set(result_files(cfg.output))
     parsed, ds = build_pipeline(cfg, schema, paths, fs, ray.put(done))
     n_in = parsed.count()
     t0 = time.time()
     write(ds, cfg)
     seconds = time.time() - t0
-    new = [f for f in output_files(cfg.output) if f not in before]
-    rows = read_output_rows(new, cfg.output, ["id", "valid", "error", "output_tokens"])
+    new = [f for f in result_files(cfg.output) if f not in before]
+    rows = read_results(cfg.output, ["id", "valid", "error", "output_tokens"], files=new)
     summary = summarise(rows, n_in - len(rows), seconds) | {"rows_in": n_in}
     print("[extract] " + json.dumps(summary))
-    write_json_next_to_output(cfg, "_summary.json", summary)
+    write_json(cfg.output, "_summary.json", summary)
     metrics = score(cfg, schema)
     if metrics:
-        path = write_json_next_to_output(cfg, "_metrics.json", metrics)
+        path = write_json(cfg.output, "_metrics.json", metrics)
         print(format_table(metrics, max_fields=20))
         print(f"[extract] metrics written to {path}")
     return 0

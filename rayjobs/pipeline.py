@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from jsonextract import cli  # noqa: E402
 from jsonextract.base import is_default  # noqa: E402
-from jsonextract.batch import output_files, read_output_rows  # noqa: E402
+from jsonextract.io import read_results  # noqa: E402
 from jsonextract.config import load  # noqa: E402
 from jsonextract.data import read_jsonl, spread  # noqa: E402
 from jsonextract.metrics import format_table, score_files  # noqa: E402
@@ -104,7 +104,7 @@ def main() -> int:
     timings["total"] = time.time() - t_all
     print("\n== 5/5 report", flush=True)
     history = json.loads((adapter / "history.json").read_text())
-    rows = read_output_rows(output_files(str(preds)), str(preds), ["id", "output", "valid", "error"])
+    rows = read_results(preds, ["id", "output", "valid", "error"])
     reused = f"Steps before {cfg.start_at} were reused from an earlier run (start_at={cfg.start_at}); their " \
         "times are not in the table.\n\n" if cfg.start_at > 1 else ""
     notes = reused + (f"Data: `{data}` ({cfg.split} split{f', {cfg.limit} records spread over it' if cfg.limit else ''}). "

@@ -1,8 +1,8 @@
 """Fine-tune a causal LM with LoRA/QLoRA, sharded by FSDP2, inside Ray Train's TorchTrainer.
 
-    ray job submit --working-dir . -- python rayjobs/train.py --config configs/train/tiny_cpu.yaml [key=value ...]
-    python rayjobs/train.py --config configs/train/tiny_cpu.yaml          # starts (or joins) a local Ray
-    python rayjobs/train.py --config configs/train/tiny_cpu.yaml run.use_ray=false   # one process, no Ray
+    ray job submit --working-dir . -- python rayjobs/train.py --config configs/train/snips_cpu.yaml [key=value ...]
+    python rayjobs/train.py --config configs/train/snips_cpu.yaml          # starts (or joins) a local Ray
+    python rayjobs/train.py --config configs/train/snips_cpu.yaml run.use_ray=false   # one process, no Ray
 
 Running again with the same run.name and run.storage_path resumes from the latest checkpoint.
 The per-worker loop is jsonextract/training.py:train_loop_per_worker.

@@ -1,7 +1,7 @@
 """Online extraction on Ray Serve: a FastAPI ingress (`Api`) in front of a model deployment (`Model`) that loads
 the base model + adapter once per replica and decodes concurrent requests together with @serve.batch.
 
-    serve run configs/serve/tiny_cpu.yaml          # or: serve deploy configs/serve/tiny_cpu.yaml
+    serve run configs/serve/cpu.yaml          # or: serve deploy configs/serve/cpu.yaml
 
 Routes: POST /extract, POST /extract/batch, POST /v1/chat/completions (OpenAI structured output),
 GET /healthz, GET /schema, OpenAPI docs at /docs. Bad input gets a 4xx with a reason, never a 5xx.

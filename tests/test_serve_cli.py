@@ -16,7 +16,7 @@ PORT = 8013
 
 
 def test_serve_run_config_file(tiny_model, tmp_path):
-    cfg = yaml.safe_load((ROOT / "configs" / "serve" / "tiny_cpu.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "configs" / "serve" / "cpu.yaml").read_text())
     cfg["http_options"]["port"] = PORT
     app = cfg["applications"][0]
     app["args"] = {"model": {"name": str(tiny_model)}, "schema": str(SNIPS / "schema.json"),
