@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from .data import Columns, Record, check_record, parse_jsonl
 from .errors import UserError
 from .extract_config import ExtractConfig
 from .io import filesystem
@@ -72,36 +73,16 @@ def file_format(path: str, configured: str) -> str:
     return "text"
 
 
-def _row(cfg: ExtractConfig, obj: Any, source: str, fallback_id: str) -> dict:
-    """Normalise one input record into the pipeline's row; problems go into `error`."""
-    row = {"id": fallback_id, "text": None, "target": None, "error": None, "source": source}
+def to_row(cfg: ExtractConfig, rec: Record) -> dict:
+    """The pipeline row of one input record: a bad record becomes an error row, never a dropped one. The gold
+    target is optional here: a usable text with an unusable target is extracted, without a target."""
+    usable = rec.text is not None
+    row = {"id": rec.id, "text": rec.text if usable else None,
+           "target": json.dumps(rec.target, ensure_ascii=False) if rec.target is not None else None,
+           "error": None if usable else f"bad_input: {rec.error}", "source": rec.source}
     for c in cfg.passthrough_columns:
-        row[f"pass_{c}"] = None
-    if not isinstance(obj, dict):
-        row["error"] = f"bad_input: {source}: record is {type(obj).__name__}, not an object"
-        return row
-    rid = obj.get(cfg.id_column)
-    if rid is not None and str(rid) != "":
-        row["id"] = str(rid)
-    for c in cfg.passthrough_columns:
-        v = obj.get(c)
+        v = rec.raw.get(c) if isinstance(rec.raw, dict) else None
         row[f"pass_{c}"] = None if v is None else (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
-    target = obj.get(cfg.target_column)
-    if isinstance(target, str):
-        try:
-            target = json.loads(target)
-        except json.JSONDecodeError:
-            target = None
-    row["target"] = json.dumps(target, ensure_ascii=False) if isinstance(target, dict) else None
-    text = obj.get(cfg.text_column)
-    if text is None or (isinstance(text, float) and text != text):  # NaN from CSV/Parquet nulls
-        row["error"] = f"bad_input: {source}: missing '{cfg.text_column}'"
-    elif not isinstance(text, str):
-        row["error"] = f"bad_input: {source}: '{cfg.text_column}' is {type(text).__name__}, not a string"
-    elif not text.strip():
-        row["error"] = f"bad_input: {source}: '{cfg.text_column}' is empty"
-    else:
-        row["text"] = text
     return row
 
 
@@ -109,29 +90,19 @@ def parse_file(item: dict, cfg: ExtractConfig) -> Iterator[dict]:
     """flat_map over read_binary_files rows: one pipeline row per record of the file, in file order."""
     path, data = item["path"], item["bytes"]
     name = PurePosixPath(path).name
+    cols = Columns(cfg.text_column, cfg.id_column, cfg.target_column)
     fmt = file_format(path, cfg.input_format)
     if fmt == "text":  # one document per file
         try:
-            text = data.decode("utf-8")
+            obj = {cfg.text_column: data.decode("utf-8"), cfg.id_column: name}
         except UnicodeDecodeError as e:
-            yield _row(cfg, {}, path, name) | {"error": f"bad_input: {path}: not UTF-8 ({e.reason} at byte {e.start})"}
+            yield to_row(cfg, Record(name, None, None, path, f"{path}: not UTF-8 ({e.reason} at byte {e.start})"))
             return
-        yield _row(cfg, {cfg.text_column: text, cfg.id_column: name}, path, name)
+        yield to_row(cfg, check_record(obj, path, name, cols=cols))
         return
     if fmt == "jsonl":
-        for n, raw in enumerate(data.split(b"\n"), 1):
-            if not raw.strip():
-                continue
-            source, fallback = f"{path}:{n}", f"{name}:{n}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield _row(cfg, {}, source, fallback) | {"error": f"bad_input: {source}: not UTF-8 ({e.reason})"}
-                continue
-            except json.JSONDecodeError as e:
-                yield _row(cfg, {}, source, fallback) | {"error": f"bad_input: {source}: not valid JSON ({e.msg})"}
-                continue
-            yield _row(cfg, obj, source, fallback)
+        for rec in parse_jsonl(data.split(b"\n"), path, cols=cols):
+            yield to_row(cfg, rec)
         return
     try:
         if fmt == "parquet":
@@ -140,10 +111,10 @@ def parse_file(item: dict, cfg: ExtractConfig) -> Iterator[dict]:
         else:
             records = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
     except Exception as e:  # an unreadable file is one error row, the rest of the corpus goes on
-        yield _row(cfg, {}, path, name) | {"error": f"bad_input: {path}: cannot read as {fmt}: {e}"}
+        yield to_row(cfg, Record(name, None, None, path, f"{path}: cannot read as {fmt}: {e}"))
         return
     for n, obj in enumerate(records):
-        yield _row(cfg, obj, f"{path}:{n}", f"{name}:{n}")
+        yield to_row(cfg, check_record(obj, f"{path}:{n}", f"{name}:{n}", cols=cols))
 
 
 # ---------------------------------------------------------------------------------------------- the actor

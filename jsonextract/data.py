@@ -7,9 +7,9 @@ clear message or count the line as skipped.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator
 
 from .errors import UserError
 
@@ -21,55 +21,80 @@ class Record:
     target: Any = None
     source: str = ""  # "file:line" the record came from
     error: str | None = None  # why the record is unusable (None when it is fine)
+    raw: Any = field(default=None, repr=False, compare=False)  # the parsed input object (pass-through columns)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def check_record(obj: Any, source: str, fallback_id: str, need_target: bool = False) -> Record:
-    """Validate one parsed record; never raises."""
+@dataclass(frozen=True)
+class Columns:
+    """Which keys of an input record hold the text, the id and the gold target."""
+    text: str = "text"
+    id: str = "id"
+    target: str = "target"
+
+
+def check_record(obj: Any, source: str, fallback_id: str, need_target: bool = False,
+                 cols: Columns = Columns()) -> Record:
+    """Validate one parsed record (a JSON object, or a Parquet/CSV row); never raises. A target given as a JSON
+    string (CSV) is parsed. A record whose text is usable but whose target is not keeps its text (`text` is not
+    None), so a job that needs no target can still use it."""
     if not isinstance(obj, dict):
         return Record(fallback_id, None, None, source, f"{source}: record is {type(obj).__name__}, not an object")
-    rid = obj.get("id")
+    rid = obj.get(cols.id)
     rid = str(rid) if rid is not None and str(rid) != "" else fallback_id
-    text = obj.get("text")
-    if text is None:
-        return Record(rid, None, None, source, f"{source}: missing 'text'")
+    text = obj.get(cols.text)
+    if text is None or (isinstance(text, float) and text != text):  # NaN: a null in CSV/Parquet
+        return Record(rid, None, None, source, f"{source}: missing '{cols.text}'")
     if not isinstance(text, str):
-        return Record(rid, None, None, source, f"{source}: 'text' is {type(text).__name__}, not a string")
+        return Record(rid, None, None, source, f"{source}: '{cols.text}' is {type(text).__name__}, not a string")
     if not text.strip():
-        return Record(rid, text, None, source, f"{source}: 'text' is empty")
-    target = obj.get("target")
+        return Record(rid, None, None, source, f"{source}: '{cols.text}' is empty")
+    target = obj.get(cols.target)
+    if isinstance(target, str):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError:
+            return Record(rid, text, None, source, f"{source}: '{cols.target}' is a string that is not JSON", obj)
     if need_target and target is None:
-        return Record(rid, text, None, source, f"{source}: missing 'target'")
+        return Record(rid, text, None, source, f"{source}: missing '{cols.target}'", obj)
     if target is not None and not isinstance(target, dict):
-        return Record(rid, text, None, source, f"{source}: 'target' is {type(target).__name__}, not an object")
-    return Record(rid, text, target, source)
+        return Record(rid, text, None, source, f"{source}: '{cols.target}' is {type(target).__name__}, not an object",
+                      obj)
+    return Record(rid, text, target, source, raw=obj)
+
+
+def parse_jsonl(lines: Iterable[bytes], path: str, need_target: bool = False,
+                cols: Columns = Columns()) -> Iterator[Record]:
+    """One Record per non-blank line of a JSONL file; a malformed line comes back with `error` set, naming the
+    file and line. The only JSONL record parser: training data, evaluation gold and the batch job use it."""
+    name = PurePosixPath(path).name
+    for lineno, raw in enumerate(lines, 1):
+        source, fallback = f"{path}:{lineno}", f"{name}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield Record(fallback, None, None, source, f"{source}: not UTF-8 ({e.reason} at byte {e.start})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Record(fallback, None, None, source, f"{source}: not valid JSON ({e.msg}, column {e.colno})")
+            continue
+        yield check_record(obj, source, fallback, need_target, cols)
 
 
 def read_jsonl(path: str | Path, need_target: bool = False) -> Iterator[Record]:
-    """Yield one Record per non-blank line; malformed lines come back with `error` set (file and line named)."""
+    """Records of a local JSONL file (see parse_jsonl)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            source = f"{path}:{lineno}"
-            fallback = f"{path.name}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield Record(fallback, None, None, source, f"{source}: not UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Record(fallback, None, None, source, f"{source}: not valid JSON ({e.msg}, column {e.colno})")
-                continue
-            yield check_record(obj, source, fallback, need_target)
+        yield from parse_jsonl(f, str(path), need_target)
 
 
 def spread(items: list, n: int) -> list:
