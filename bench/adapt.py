@@ -41,7 +41,7 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
 
     from jsonextract import config as C
     from jsonextract.data import pad_batch, spread
-    from jsonextract.decoding import Extractor
+    from jsonextract.decoding import Extractor, extract_in_batches
     from jsonextract.metrics import score_results
     from jsonextract.model import load_tokenizer
     from jsonextract.prompt import PromptBuilder
@@ -75,7 +75,8 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
     train_s = time.time() - t0
     dev_loss = mean_loss(model, tokenize(dev_records, prompt, tok, cfg.model.max_length)[0], 32, tok.pad_token_id)
     model.eval()
-    results = Extractor(model, tok, prompt, cfg.decoding).extract([r.text for r in dev_records])
+    results = extract_in_batches(Extractor(model, tok, prompt, cfg.decoding), [r.text for r in dev_records],
+                                 cfg.decoding.batch_size)
     m = score_results(zip(results, [r.target for r in dev_records]))
     return {"trainable": sum(p.numel() for p in params), "tokens_per_s": tokens / train_s,
             "dev_loss": dev_loss, "schema_valid": m["schema_valid_rate"],

@@ -28,7 +28,7 @@ DATA = ROOT / "data" / "snips"
 def in_process(model: str, adapter: str | None, texts: list[str], constrained: bool, batch_size: int,
                max_new: int) -> dict:
     from jsonextract import config as C
-    from jsonextract.decoding import Extractor
+    from jsonextract.decoding import Extractor, extract_in_batches
     from jsonextract.model import load_for_inference
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
@@ -38,7 +38,7 @@ def in_process(model: str, adapter: str | None, texts: list[str], constrained: b
                    C.DecodingConfig(constrained=constrained, batch_size=batch_size, max_new_tokens=max_new))
     ex.extract(texts[:2])  # warm-up: grammar compilation, first-call allocations
     t0 = time.time()
-    res = ex.extract(texts)
+    res = extract_in_batches(ex, texts, batch_size)
     s = time.time() - t0
     tokens = sum(r.output_tokens for r in res)
     return {"rows_per_s": len(texts) / s, "output_tokens_per_s": tokens / s, "seconds": s,

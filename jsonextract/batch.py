@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 from .data import Columns, Record, check_record, parse_jsonl
+from .decoding import extract_in_batches
 from .errors import UserError
 from .extract_config import ExtractConfig
 from .io import filesystem
@@ -181,13 +182,15 @@ class ExtractActor:
         return out
 
     def _token_groups(self, texts: list[str], idx: list[int]) -> list[list[int]]:
-        """Split rows into groups whose rows x longest prompt stays under pool.max_batch_tokens."""
+        """The actor's generate() batches: rows sorted by length, grouped so that rows x longest prompt stays under
+        pool.max_batch_tokens and a group has at most decoding.batch_size rows."""
         lengths = [min(len(t) // 3 + self.overhead, self.extractor.max_prompt_tokens) for t in texts]  # cheap estimate
         order = sorted(range(len(idx)), key=lambda j: lengths[j])
         groups, cur, longest = [], [], 0
         for j in order:
             longest_new = max(longest, lengths[j])
-            if cur and longest_new * (len(cur) + 1) > self.cfg.pool.max_batch_tokens:
+            if cur and (longest_new * (len(cur) + 1) > self.cfg.pool.max_batch_tokens
+                        or len(cur) >= self.cfg.decoding.batch_size):
                 groups.append(cur)
                 cur, longest_new = [], lengths[j]
             cur.append(idx[j])
@@ -215,7 +218,7 @@ class ExtractActor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         window = max(self.extractor.max_prompt_tokens - self.overhead - 8, 16)
         chunks = [self.tokenizer.decode(ids[i:i + window]) for i in range(0, len(ids), window)]
-        results = self.extractor.extract(chunks)
+        results = extract_in_batches(self.extractor, chunks, self.cfg.decoding.batch_size)
         good = [r.output for r in results if r.valid]
         base = {"input_tokens": sum(r.input_tokens for r in results),
                 "output_tokens": sum(r.output_tokens for r in results), "input_truncated": False,

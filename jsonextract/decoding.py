@@ -126,15 +126,10 @@ class Extractor:
 
     def extract(self, texts: list[str], schemas: list[dict | None] | None = None,
                 max_new_tokens: int | None = None) -> list[Result]:
-        """One Result per text, in order. Generation runs in chunks of cfg.batch_size."""
+        """One Result per text, in order, from one generate() call: the caller decides what a batch is
+        (@serve.batch, the batch actor's token groups, `extract_in_batches`)."""
         schemas = schemas or [None] * len(texts)
-        out: list[Result] = []
-        for i in range(0, len(texts), self.cfg.batch_size):
-            out += self._extract_batch(texts[i:i + self.cfg.batch_size], schemas[i:i + self.cfg.batch_size],
-                                       max_new_tokens or self.cfg.max_new_tokens)
-        return out
-
-    def _extract_batch(self, texts: list[str], schemas: list[dict | None], max_new: int) -> list[Result]:
+        max_new = max_new_tokens or self.cfg.max_new_tokens
         results: list[Result | None] = [None] * len(texts)
         rows: list[tuple[int, list[int], dict | None, bool]] = []
         for i, (text, schema) in enumerate(zip(texts, schemas)):
@@ -194,3 +189,12 @@ class Extractor:
             if msg:
                 return Result(None, False, f"schema_invalid: {msg}", raw, output_tokens=n_out)
         return Result(obj, True, None, raw, output_tokens=n_out)
+
+
+def extract_in_batches(extractor: Extractor, texts: list[str], batch_size: int,
+                       max_new_tokens: int | None = None) -> list[Result]:
+    """For callers that batch by count (the dev decoder, predict, chunks of one long text, benchmarks)."""
+    out: list[Result] = []
+    for i in range(0, len(texts), batch_size):
+        out += extractor.extract(texts[i:i + batch_size], max_new_tokens=max_new_tokens)
+    return out

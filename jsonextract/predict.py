@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import config as C
 from .data import read_jsonl
-from .decoding import Extractor
+from .decoding import Extractor, extract_in_batches
 from .model import load_for_inference
 from .prompt import PromptBuilder
 from .schema import load_schema
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     records = records[: args.limit] if args.limit else records
     good = [r for r in records if r.ok]
     t0 = time.time()
-    results = dict(zip([r.id for r in good], ex.extract([r.text for r in good])))
+    results = dict(zip([r.id for r in good], extract_in_batches(ex, [r.text for r in good], ex.cfg.batch_size)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for r in records:

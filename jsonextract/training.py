@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from .errors import UserError
 from .data import Example, pad_batch, read_jsonl, spread
+from .decoding import extract_in_batches
 from .metrics import score_results
 from .model import attach_lora, keep_4bit_layout, load_base, load_tokenizer, torch_dtype, write_manifest
 from .prompt import PromptBuilder
@@ -30,7 +32,10 @@ from .schema import load_schema
 from .train_config import TrainConfig
 from .config import to_dict
 
-TRAINER_STATE = "trainer_state.pt"
+# Whole tensors of the trainable (LoRA) parameters only, gathered to rank 0 on the CPU.
+FULL_LORA_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+TRAINER_STATE = "trainer_state.pt"  # step, optimizer and scheduler state; the LoRA weights are the PEFT file
 HISTORY = "history.json"
 
 
@@ -191,25 +196,11 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def full(t: torch.Tensor) -> torch.Tensor:
-    """Whole tensor of a (possibly FSDP2-sharded DTensor) parameter; a collective: every rank must call it."""
-    from torch.distributed.tensor import DTensor
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
-
-
-def load_full_into(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a whole tensor into a (possibly sharded) parameter or optimizer state tensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    with torch.no_grad():
-        if isinstance(param, DTensor):
-            local = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements).to_local()
-            param.to_local().copy_(local)
-        else:
-            param.copy_(value.to(param.dtype))
-
-
-def clean_name(name: str) -> str:
-    return name.replace("module.", "").replace("_checkpoint_wrapped_module.", "")
+def lora_state(model) -> dict[str, torch.Tensor]:
+    """Whole (unsharded) LoRA weights by their plain names, on rank 0 (empty elsewhere); a collective: every rank
+    must call it. torch's own state-dict helper handles FSDP2 DTensors, DDP and unwrapped models alike."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=FULL_LORA_STATE)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -265,12 +256,10 @@ def save_checkpoint(model, optimizer, scheduler, state: State, cfg: TrainConfig,
     """Adapter-only checkpoint (PEFT files + tokenizer + manifest + trainer state); written by rank 0.
     Every rank must call it: gathering the sharded LoRA weights and optimizer state is a collective."""
     from peft import get_peft_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    weights = {clean_name(n): full(p) for n, p in trainable(model)}
-    opt_state: dict[str, dict] = {}
-    for n, p in trainable(model):
-        st = optimizer.state.get(p, {})
-        opt_state[clean_name(n)] = {k: (full(v) if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in st.items()}
+    weights = lora_state(model)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_LORA_STATE)
     if not d.main:
         return None
     out = Path(tempfile.mkdtemp(prefix=f"ckpt-{state.step}-"))
@@ -279,36 +268,33 @@ def save_checkpoint(model, optimizer, scheduler, state: State, cfg: TrainConfig,
     tokenizer.save_pretrained(str(out))
     write_manifest(out, base_model=cfg.model.name, prompt=cfg.prompt, schema=schema, config=to_dict(cfg),
                    metrics=metrics, step=state.step)
-    torch.save({"step": state.step, "weights": weights, "optimizer": opt_state, "scheduler": scheduler.state_dict()},
+    torch.save({"step": state.step, "optimizer": optim_state, "scheduler": scheduler.state_dict()},
                out / TRAINER_STATE)
     (out / HISTORY).write_text(json.dumps(state.history))
     return out
 
 
 def restore_checkpoint(path: Path, model, optimizer, scheduler, state: State) -> None:
-    """Every rank reads the same checkpoint and takes its own shard of weights and optimizer state."""
+    """Every rank reads the same checkpoint; torch's state-dict helpers shard the weights and optimizer state."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     ts = torch.load(path / TRAINER_STATE, weights_only=False)
-    for n, p in trainable(model):
-        name = clean_name(n)
-        if name not in ts["weights"]:
-            raise RuntimeError(f"checkpoint {path} has no weights for {name}: was it written with another LoRA config?")
-        load_full_into(p, ts["weights"][name])
-        if ts["optimizer"].get(name):
-            optimizer.state[p] = {k: _like(p, v) for k, v in ts["optimizer"][name].items()}
+    saved = load_file(str(path / "adapter_model.safetensors"))
+    # The PEFT file leaves out the adapter name: `...q_proj.lora_A.weight` is `...q_proj.lora_A.default.weight`.
+    weights = {k.replace(".weight", ".default.weight") if ".lora_" in k else k: v for k, v in saved.items()}
+    expected = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    wanted = {n.replace("_checkpoint_wrapped_module.", "") for n in expected}
+    missing = sorted(wanted - set(weights))
+    if missing:
+        raise RuntimeError(f"checkpoint {path} has no weights for {missing[0]} (and {len(missing) - 1} more): "
+                           "was it written with another LoRA config?")
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, ts["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(ts["scheduler"])
     state.step = ts["step"]
     if (path / HISTORY).is_file():
         state.history = json.loads((path / HISTORY).read_text())
-
-
-def _like(param: torch.Tensor, value: Any) -> Any:
-    """Optimizer state value shaped like `param` (sharded the same way); scalars pass through."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    if not torch.is_tensor(value) or value.dim() == 0:
-        return value
-    if isinstance(param, DTensor):
-        return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements)
-    return value.to(param.device)
 
 
 def unwrap(model):
@@ -366,11 +352,11 @@ class DevDecoder:
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict:
         if self.model is None:
             return {}
-        own = dict(self.model.named_parameters())
-        for n, w in weights.items():
-            load_full_into(own[n], w)
+        unexpected = self.model.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise RuntimeError(f"dev decoder: no parameter {unexpected[0]} in its model copy")
         self.model.eval()
-        results = self.extractor.extract([r.text for r in self.records])
+        results = extract_in_batches(self.extractor, [r.text for r in self.records], self.cfg.decoding.batch_size)
         self.model.train()
         m = score_results(zip(results, [r.target for r in self.records]))
         out = {"dev_f1": m["f1"], "dev_exact_match": m["exact_match"], "dev_schema_valid": m["schema_valid_rate"]}
@@ -518,7 +504,7 @@ def maybe_evaluate_and_checkpoint(model, optimizer, scheduler, state: State, cfg
         metrics["train_loss"] = state.history[-1]["loss"]
     if do_eval and dev:
         metrics["dev_loss"] = mean_loss(model, dev_examples(dev, cfg.eval), cfg.optim.batch_size, pad, d)
-        weights = {clean_name(n): full(p) for n, p in trainable(model)}  # collective
+        weights = lora_state(model)  # collective
         metrics.update(decoder(weights))
         state.history.append({k: v for k, v in metrics.items() if k != "train_loss"})
         log("eval " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))

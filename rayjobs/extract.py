@@ -46,7 +46,9 @@ def already_done(cfg: ExtractConfig) -> set[str]:
     return {r["id"] for r in read_results(cfg.output, ["id"], files=result_files(cfg.output))}
 
 
-def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs, done_ref):
+def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs, done_ref, skipped):
+    """The streaming pipeline; `skipped` (a SkipCounter) counts the input rows dropped as already done, so the
+    input is read once: rows in = rows written + rows skipped."""
     import ray
     import ray.data
 
@@ -54,11 +56,15 @@ def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs
     ds = ds.flat_map(parse_file, fn_kwargs={"cfg": cfg})
     if cfg.limit:
         ds = ds.limit(cfg.limit)
-    parsed = ds
 
     def not_done(batch):
         done = ray.get(done_ref)
-        return batch[~batch["id"].isin(done)] if done else batch
+        if not done:
+            return batch
+        kept = batch[~batch["id"].isin(done)]
+        if len(kept) < len(batch):
+            ray.get(skipped.add.remote(len(batch) - len(kept)))  # waited for: counted before the job ends
+        return kept
 
     ds = ds.map_batches(not_done, batch_format="pandas")
     # One file parses into one block, which one actor would take whole: cut the stream into actor-sized blocks
@@ -68,7 +74,24 @@ def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs
                         batch_size=cfg.pool.batch_rows, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(size=cfg.pool.num_actors),
                         num_cpus=cfg.pool.cpus_per_actor, num_gpus=cfg.pool.gpus_per_actor or None)
-    return parsed, ds
+    return ds
+
+
+def skip_counter():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SkipCounter:
+        def __init__(self):
+            self.n = 0
+
+        def add(self, k: int) -> None:
+            self.n += k
+
+        def total(self) -> int:
+            return self.n
+
+    return SkipCounter.remote()
 
 
 def write(ds, cfg: ExtractConfig) -> None:
@@ -100,14 +123,15 @@ def main() -> int:
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
     before = set(result_files(cfg.output))
-    parsed, ds = build_pipeline(cfg, schema, paths, fs, ray.put(done))
-    n_in = parsed.count()
+    skipped = skip_counter()
+    ds = build_pipeline(cfg, schema, paths, fs, ray.put(done), skipped)
     t0 = time.time()
     write(ds, cfg)
     seconds = time.time() - t0
     new = [f for f in result_files(cfg.output) if f not in before]
     rows = read_results(cfg.output, ["id", "valid", "error", "output_tokens"], files=new)
-    summary = summarise(rows, n_in - len(rows), seconds) | {"rows_in": n_in}
+    n_skipped = ray.get(skipped.total.remote())
+    summary = summarise(rows, n_skipped, seconds) | {"rows_in": len(rows) + n_skipped}
     print("[extract] " + json.dumps(summary))
     write_json(cfg.output, "_summary.json", summary)
     metrics = score(cfg, schema)

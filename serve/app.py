@@ -96,7 +96,6 @@ class Model:
         self.extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema), cfg.decoding,
                                    max_prompt_tokens=cfg.model.max_length - cfg.decoding.max_new_tokens,
                                    truncate_input=cfg.long_text == "truncate")
-        self.extractor.cfg = type(cfg.decoding)(**{**cfg.decoding.__dict__, "batch_size": cfg.max_batch_size})
         self.extract_batch.set_max_batch_size(cfg.max_batch_size)
         self.extract_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
