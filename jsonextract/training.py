@@ -200,7 +200,9 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     """Whole (unsharded) LoRA weights by their plain names, on rank 0 (empty elsewhere); a collective: every rank
     must call it. torch's own state-dict helper handles FSDP2 DTensors, DDP and unwrapped models alike."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    return get_model_state_dict(model, options=FULL_LORA_STATE)
+    names = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    # ignore_frozen_params drops frozen parameters but not the 4-bit layers' quantisation-state entries
+    return {k: v for k, v in get_model_state_dict(model, options=FULL_LORA_STATE).items() if k in names}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
