@@ -15,20 +15,24 @@ def plot_history(history: list[dict], out_dir: Path) -> list[str]:
     dev = [(h["step"], h["dev_loss"]) for h in history if "dev_loss" in h]
     f1 = [(h["step"], h["dev_f1"]) for h in history if "dev_f1" in h]
     files = []
+
+    def save(fig, ax, ylabel: str, name: str) -> None:
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        files.append(name)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if train:
         ax.plot(*zip(*train), label="train loss")
     if dev:
         ax.plot(*zip(*dev), "o-", label="dev loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (answer tokens)")
     ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=110)
-    files.append("loss.png")
-    plt.close(fig)
+    save(fig, ax, "loss (answer tokens)", "loss.png")
     if f1:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(*zip(*f1), "o-", label="dev field F1")
@@ -36,15 +40,8 @@ def plot_history(history: list[dict], out_dir: Path) -> list[str]:
             pts = [(h["step"], h[key]) for h in history if key in h]
             if pts:
                 ax.plot(*zip(*pts), ".--", label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("F1")
         ax.set_ylim(0, 1)
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / "dev_f1.png", dpi=110)
-        files.append("dev_f1.png")
-        plt.close(fig)
+        save(fig, ax, "F1", "dev_f1.png")
     return files
 
 
