@@ -68,7 +68,7 @@ def _read_file(fs, path: str, columns: list[str] | None) -> list[dict]:
 def read_results(location: str | Path, columns: list[str] | None = None, files: list[str] | None = None) -> list[dict]:
     """Rows of a result file or folder (Parquet or JSONL), optionally only `columns` (missing ones are None) and
     only the given `files` of it. A file that cannot be read is an error naming it."""
-    if not files and not Path(str(location)).exists() and "://" not in str(location):
+    if files is None and "://" not in str(location) and not Path(str(location)).exists():
         raise UserError(f"not found: {location}")
     fs, _ = filesystem(location)
     rows: list[dict] = []
