@@ -200,7 +200,7 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     """Whole (unsharded) LoRA weights by their plain names, on rank 0 (empty elsewhere); a collective: every rank
     must call it. torch's own state-dict helper handles FSDP2 DTensors, DDP and unwrapped models alike."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    names = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    names = {n for n, _ in trainable(unwrap(model))}
     # ignore_frozen_params drops frozen parameters but not the 4-bit layers' quantisation-state entries
     return {k: v for k, v in get_model_state_dict(model, options=FULL_LORA_STATE).items() if k in names}
 
@@ -285,9 +285,7 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, state: State) ->
     saved = load_file(str(path / "adapter_model.safetensors"))
     # The PEFT file leaves out the adapter name: `...q_proj.lora_A.weight` is `...q_proj.lora_A.default.weight`.
     weights = {k.replace(".weight", ".default.weight") if ".lora_" in k else k: v for k, v in saved.items()}
-    expected = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
-    wanted = {n.replace("_checkpoint_wrapped_module.", "") for n in expected}
-    missing = sorted(wanted - set(weights))
+    missing = sorted({n for n, _ in trainable(unwrap(model))} - set(weights))
     if missing:
         raise RuntimeError(f"checkpoint {path} has no weights for {missing[0]} (and {len(missing) - 1} more): "
                            "was it written with another LoRA config?")
