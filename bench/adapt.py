@@ -47,7 +47,9 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
     from jsonextract.train_config import TrainConfig
-    from jsonextract.training import check_records, lr_lambda, mean_loss, micro_batches, tokenize
+    from jsonextract.evaluation import mean_loss
+    from jsonextract.train_data import check_records, micro_batches, tokenize
+    from jsonextract.training import lr_lambda
 
     cfg = C.load(TrainConfig, MAIN_CONFIG, [])
     cfg = replace(cfg, optim=replace(cfg.optim, lr=PEAK_LR[mode], max_steps=steps, batch_size=32,

@@ -49,7 +49,9 @@ def plain_loop(overrides: list[str], answer_only: bool, bf16: bool) -> dict:
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
     from jsonextract.train_config import TrainConfig
-    from jsonextract.training import answer_loss, check_records, micro_batches, pad_batch, peak_rss_mb, tokenize
+    from jsonextract.data import pad_batch
+    from jsonextract.train_data import check_records, micro_batches, tokenize
+    from jsonextract.training import answer_loss, peak_rss_mb
 
     cfg = C.load(TrainConfig, None, overrides)
     tok = load_tokenizer(cfg.model.name)

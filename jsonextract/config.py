@@ -41,7 +41,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class LoraConfig:
+class LoraSettings:
     r: int = 16  # LoRA rank
     alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.05  # dropout on the LoRA branch
@@ -287,5 +287,5 @@ def split_cli(argv: list[str], cls: type | None = None, usage: str = "") -> tupl
     return path, rest
 
 
-__all__ = ["ConfigError", "ModelConfig", "LoraConfig", "PromptConfig", "DecodingConfig", "TinyModelConfig",
+__all__ = ["ConfigError", "ModelConfig", "LoraSettings", "PromptConfig", "DecodingConfig", "TinyModelConfig",
            "build", "load", "parse_overrides", "to_dict", "split_cli"]

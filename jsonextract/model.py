@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .config import LoraConfig, ModelConfig, PromptConfig, build
+from .config import LoraSettings, ModelConfig, PromptConfig, build
 from .prompt import PROMPT_VERSION
 from .schema import schema_hash
 
@@ -99,7 +99,7 @@ def keep_4bit_layout(model) -> int:
     return n
 
 
-def attach_lora(model, cfg: LoraConfig):
+def attach_lora(model, cfg: LoraSettings):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     pcfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,

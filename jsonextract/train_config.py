@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config import ConfigError, DecodingConfig, LoraConfig, ModelConfig, PromptConfig
+from .config import ConfigError, DecodingConfig, LoraSettings, ModelConfig, PromptConfig
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,7 @@ class TrainDataConfig:
     schema_file: str = ""  # JSON Schema of the targets (default: schema.json next to train_file)
     skip_bad_records: bool = False  # False: a malformed line stops the job before workers start; True: count + skip
     max_train_records: int = 0  # use only the first N good records (0 = all)
+    cache_dir: str = "artifacts/cache/tokens"  # tokenised data, keyed by file, tokenizer and prompt; one worker per node writes it ("" = no cache)
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,8 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    strategy: Literal["fsdp2", "ddp", "none"] = "fsdp2"  # fsdp2 = fully_shard per decoder layer, then the root
+    # More than one worker always trains under FSDP2: fully_shard per decoder layer, then the root module.
     mixed_precision: bool = True  # FSDP2 MixedPrecisionPolicy with model.dtype params, fp32 reduce (GPU only)
-    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: keep sharded params/grads/optimizer state in host memory
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
     cpu_autocast: Literal["auto", "bf16", "off"] = "auto"  # CPU workers: matmuls in bf16 under torch.autocast, fp32 weights and loss (auto = where the CPU has native bf16)
 
@@ -52,7 +52,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class TrainRunConfig:
     name: str = "tiny-snips"  # run name: same name + storage_path = resume from the latest checkpoint
     storage_path: str = "runs"  # checkpoints: local folder or object-store URI (s3://...), shared by all nodes
     output_dir: str = "artifacts/adapters/tiny-snips"  # final adapter (+ tokenizer, manifest) for extract/serve
@@ -70,11 +70,11 @@ class RunConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)  # used for dev-set extraction metrics
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    run: TrainRunConfig = field(default_factory=TrainRunConfig)

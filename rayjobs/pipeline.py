@@ -109,7 +109,7 @@ def main() -> int:
         "times are not in the table.\n\n" if cfg.start_at > 1 else ""
     notes = reused + (f"Data: `{data}` ({cfg.split} split{f', {cfg.limit} records spread over it' if cfg.limit else ''}). "
              f"Base model: `{model_dir}`, fine-tuned with `{cfg.train}` "
-             f"({train_cfg.run.num_workers} workers, {train_cfg.parallel.strategy}, "
+             f"({train_cfg.run.num_workers} workers{' under FSDP2' if train_cfg.run.num_workers > 1 else ''}, "
              f"quantization {train_cfg.model.quantization}, LoRA r={train_cfg.lora.r}, {train_cfg.optim.max_steps} steps).\n")
     report = write_report(run_dir, title=f"Run report: {cfg.name}", metrics=metrics, baseline=baseline,
                           history=history, pred_rows=rows, gold_records=[r for r in read_jsonl(split) if r.ok],

@@ -5,7 +5,7 @@
     python rayjobs/train.py --config configs/train/snips_cpu.yaml run.use_ray=false   # one process, no Ray
 
 Running again with the same run.name and run.storage_path resumes from the latest checkpoint.
-The per-worker loop is jsonextract/training.py:train_loop_per_worker.
+The per-worker loop is the Recipe in jsonextract/training.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from jsonextract import cli  # noqa: E402
 from jsonextract.model import check_model_name  # noqa: E402
 from jsonextract.schema import load_schema  # noqa: E402
 from jsonextract.train_config import TrainConfig  # noqa: E402
-from jsonextract.training import check_records, schema_path, train_loop_per_worker  # noqa: E402
+from jsonextract.train_data import check_records, schema_path  # noqa: E402
+from jsonextract.training import train_loop_per_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +44,9 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     def absol(p: str) -> str:
         return str(Path(p).resolve()) if p and "://" not in p and Path(p).exists() else p
 
+    cache = cfg.data.cache_dir and str(Path(cfg.data.cache_dir).resolve())
     data = dataclasses.replace(cfg.data, train_file=absol(cfg.data.train_file), dev_file=absol(cfg.data.dev_file),
-                               schema_file=absol(str(schema_path(cfg))))
+                               schema_file=absol(str(schema_path(cfg))), cache_dir=cache)
     storage = cfg.run.storage_path if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path).resolve())
     return dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, name=absol(cfg.model.name)),
                                run=dataclasses.replace(cfg.run, storage_path=storage))
@@ -78,7 +80,7 @@ def fit_with_ray(cfg: TrainConfig):
 def fit_locally(cfg: TrainConfig):
     train_loop_per_worker({"cfg": cfg})
     import json
-    from jsonextract.training import local_checkpoints
+    from jsonextract.checkpoint import local_checkpoints
     latest = local_checkpoints(Path(cfg.run.storage_path) / cfg.run.name)[-1]
     return str(latest), json.loads((latest / "manifest.json").read_text())["metrics"]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job end to end on the embedded default (no network): build the tiny model from SNIPS train ->
+# The main job end to end on the embedded default (no network): convert the SmolLM2-135M-Instruct base ->
 # fine-tune it (Ray Train, 2 CPU workers, FSDP2, QLoRA) -> batch-extract SNIPS test (Ray Data) -> evaluate ->
 # write artifacts/main/snips/report.md. Installs what it needs first. Extra key=value arguments go to the
 # pipeline config, e.g. `bash scripts/main.sh --config configs/pipeline/restaurant8k.yaml`.

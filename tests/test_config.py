@@ -29,7 +29,7 @@ def test_overrides_nested_and_typed():
     @dataclass(frozen=True)
     class Job:
         model: C.ModelConfig = field(default_factory=C.ModelConfig)
-        lora: C.LoraConfig = field(default_factory=C.LoraConfig)
+        lora: C.LoraSettings = field(default_factory=C.LoraSettings)
 
     job = C.load(Job, None, ["model.quantization=nf4", "lora.r=4", "lora.target_modules=[q_proj,v_proj]"])
     assert job.model.quantization == "nf4" and job.lora.r == 4
@@ -47,7 +47,7 @@ def test_post_init_checks():
 
 def test_configs_pickle():
     import pickle
-    cfg = C.load(C.LoraConfig, None, ["r=8"])
+    cfg = C.load(C.LoraSettings, None, ["r=8"])
     assert pickle.loads(pickle.dumps(cfg)) == cfg
 
 

@@ -84,7 +84,7 @@ def test_auto_classes_load_and_generate(tiny_model):
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_lora_only_adapters_trainable(tiny_model, quantization):
     model = load_base(C.ModelConfig(name=str(tiny_model), quantization=quantization))
-    model = attach_lora(model, C.LoraConfig(r=4, alpha=8))
+    model = attach_lora(model, C.LoraSettings(r=4, alpha=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     if quantization == "nf4":

@@ -122,7 +122,7 @@ def test_malformed_training_file_names_file_and_line(tiny_model, tmp_path):
     assert r.returncode == 2 and f"{bad}:3" in r.stderr and "skip_bad_records" in r.stderr
     ok = subprocess.run([sys.executable, "-c", f"""
 import sys; sys.path.insert(0, {str(ROOT / 'rayjobs')!r})
-from jsonextract.training import check_records
+from jsonextract.train_data import check_records
 good, skipped = check_records({str(bad)!r}, True)
 print(len(good), skipped)"""], capture_output=True, text=True, timeout=60)
     assert ok.stdout.split() == ["5", "2"]
@@ -160,7 +160,8 @@ def test_reported_dev_loss_equals_the_written_adapters(ray_session, tiny_model, 
     from jsonextract.model import keep_4bit_layout, load_base, load_tokenizer
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
-    from jsonextract.training import check_records, dev_examples, mean_loss, tokenize
+    from jsonextract.evaluation import dev_examples, mean_loss
+    from jsonextract.train_data import check_records, tokenize
 
     cfg = tiny_cfg(tiny_model, tmp_path, "devloss", **{"eval.every_steps": 3, "eval.loss_examples": 40})
     out, metrics = run_fit(cfg)
@@ -181,7 +182,8 @@ def test_4bit_kernel_paths_agree_and_training_never_repacks(tiny_model):
     from jsonextract.model import keep_4bit_layout, load_base, load_tokenizer
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
-    from jsonextract.training import check_records, mean_loss, tokenize
+    from jsonextract.evaluation import mean_loss
+    from jsonextract.train_data import check_records, tokenize
 
     mcfg = C.ModelConfig(name=str(tiny_model), quantization="nf4", max_length=160)
     tok = load_tokenizer(str(tiny_model))
@@ -212,7 +214,9 @@ def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tin
     from jsonextract.model import attach_lora, load_base, load_tokenizer
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
-    from jsonextract.training import Dist, answer_loss, autocast, check_records, cpu_has_native_bf16, tokenize
+    from jsonextract.distributed import Worker
+    from jsonextract.train_data import check_records, tokenize
+    from jsonextract.training import answer_loss, autocast, cpu_has_native_bf16
 
     cfg = tiny_cfg(tiny_model, Path("/tmp"), "loss")
     tok = load_tokenizer(str(tiny_model))
@@ -223,7 +227,7 @@ def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tin
     model = attach_lora(load_base(cfg.model), cfg.lora)
     full = float(model(**batch).loss)
     assert float(answer_loss(model, batch)) == pytest.approx(full, rel=1e-5)
-    cpu = Dist(0, 1, torch.device("cpu"), False)
+    cpu = Worker(0, 1, 0, torch.device("cpu"), False)
     off = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cpu_autocast="off"))
     with autocast(off, cpu):
         assert float(answer_loss(model, batch)) == pytest.approx(full, rel=1e-5)
@@ -231,3 +235,33 @@ def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tin
         pytest.skip("no native bf16 on this CPU: cpu_autocast=auto trains in fp32 here")
     with autocast(cfg, cpu):
         assert float(answer_loss(model, batch)) == pytest.approx(full, rel=2e-2)
+
+
+def test_tokenised_data_is_cached_once_and_keyed_by_what_it_depends_on(tiny_model, tmp_path):
+    """The cache holds exactly what tokenising gives; it is written once, read after; a change of prompt or
+    file content is a new entry, never a stale one."""
+    from jsonextract.model import load_tokenizer
+    from jsonextract.prompt import PromptBuilder
+    from jsonextract.schema import load_schema
+    from jsonextract.train_data import check_records, load_tokenized, tokenize
+
+    tok = load_tokenizer(str(tiny_model))
+    schema = load_schema(SNIPS / "schema.json")
+    prompt = PromptBuilder(C.PromptConfig(), schema)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join((SNIPS / "train.jsonl").read_text().splitlines(True)[:30]))
+    cache = tmp_path / "cache"
+    args = (str(data), prompt, tok, 160, False, 0, str(cache))
+    with pytest.raises(RuntimeError, match="not written"):
+        load_tokenized(*args, builder=False)  # a non-builder never tokenises on its own
+    built = load_tokenized(*args, builder=True)
+    read = load_tokenized(*args, builder=False)
+    direct = tokenize(check_records(str(data), False)[0], prompt, tok, 160)[0]
+    assert built.examples == read.examples == direct and len(direct) == 30
+    assert len(list(cache.iterdir())) == 1
+
+    other_prompt = PromptBuilder(C.PromptConfig(instruction="Give JSON."), schema)
+    assert load_tokenized(str(data), other_prompt, tok, 160, False, 0, str(cache), builder=True).examples != direct
+    data.write_text("".join((SNIPS / "train.jsonl").read_text().splitlines(True)[:20]))
+    assert len(load_tokenized(*args, builder=True).examples) == 20
+    assert len(list(cache.iterdir())) == 3
