@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,52 @@ def check_schema(schema: Any, source: str = "schema") -> dict:
         where = "/".join(str(p) for p in e.absolute_path) or "<root>"
         raise SchemaError(f"{source}: invalid JSON Schema at {where}: {e.message}") from None
     return schema
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    """Bounds on a schema that arrives with a request: its grammar is compiled on the server, and its cost grows
+    with each of these (an enum of 50,000 values took 19 s to compile)."""
+    max_bytes: int = 20_000  # compact JSON size of the schema
+    max_depth: int = 32  # nesting of the schema document (each object level is two: properties, then the name)
+    max_properties: int = 200  # property names over the whole schema
+    max_enum_values: int = 500  # values in any one enum
+    max_pattern_length: int = 200  # characters of any one `pattern`
+
+
+def check_limits(schema: Any, limits: SchemaLimits) -> None:
+    """SchemaError naming the first bound `schema` breaks, or a `$ref` that is not local (`#/...`). Walks the
+    document without recursion, so a schema nested thousands deep is refused, not a RecursionError."""
+    properties = 0
+    stack: list[tuple[Any, int, str]] = [(schema, 0, "")]
+    while stack:
+        node, depth, path = stack.pop()
+        where = path[:200] or "/"
+        if depth > limits.max_depth:
+            raise SchemaError(f"schema nests deeper than this deployment's limit of {limits.max_depth} (at {where})")
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                raise SchemaError(f"$ref {ref[:100]!r} at {where}: only local references (#/...) are allowed")
+            if isinstance(node.get("properties"), dict):
+                properties += len(node["properties"])
+                if properties > limits.max_properties:
+                    raise SchemaError(f"schema has more than {limits.max_properties} properties (this deployment's "
+                                      "limit)")
+            enum = node.get("enum")
+            if isinstance(enum, list) and len(enum) > limits.max_enum_values:
+                raise SchemaError(f"enum at {where} has {len(enum)} values, over this deployment's limit of "
+                                  f"{limits.max_enum_values}")
+            pattern = node.get("pattern")
+            if isinstance(pattern, str) and len(pattern) > limits.max_pattern_length:
+                raise SchemaError(f"pattern at {where} is {len(pattern)} characters, over this deployment's "
+                                  f"limit of {limits.max_pattern_length}")
+            stack.extend((v, depth + 1, f"{path}/{k}") for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1, f"{path}/{i}") for i, v in enumerate(node))
+    size = len(canonical_json(schema))  # safe now: the depth is bounded
+    if size > limits.max_bytes:
+        raise SchemaError(f"schema is {size} bytes, over this deployment's limit of {limits.max_bytes}")
 
 
 def load_schema(path: str | Path) -> dict:
@@ -74,9 +121,25 @@ def order_like_schema(obj: Any, schema: dict | None, root: dict | None = None) -
     return obj
 
 
+def _refuse_retrieval(uri: str):
+    # jsonschema fetches a remote `$ref` over HTTP unless the registry says otherwise: a server-side request
+    # forgery when the schema comes from a request. Only local `#/...` references are ever resolved.
+    from referencing.exceptions import NoSuchResource
+    raise NoSuchResource(ref=uri)
+
+
+def _local_registry():
+    from referencing import Registry
+    return Registry(retrieve=_refuse_retrieval)
+
+
 def validation_error(obj: Any, schema: dict) -> str | None:
     """None if `obj` validates against `schema`, else a one-line message with the failing path."""
-    err = jsonschema.exceptions.best_match(Draft202012Validator(schema).iter_errors(obj))
+    from referencing.exceptions import Unresolvable
+    try:
+        err = jsonschema.exceptions.best_match(Draft202012Validator(schema, registry=_local_registry()).iter_errors(obj))
+    except Unresolvable as e:
+        return f"unresolvable $ref {str(e.ref)[:100]!r} (only local references are resolved)"
     if err is None:
         return None
     where = "/".join(str(p) for p in err.absolute_path) or "<root>"

@@ -1,19 +1,29 @@
-"""Online extraction on Ray Serve: a FastAPI ingress (`Api`) in front of a model deployment (`Model`) that loads
-the base model + adapter once per replica and decodes concurrent requests together with @serve.batch.
+"""Online extraction on Ray Serve: a FastAPI ingress (`Api`) in front of a model deployment (`Model`). Each Model
+replica keeps the base model once and up to `max_adapters_per_replica` LoRA adapters (Serve's
+@serve.multiplexed: requests name an adapter, Serve routes them to a replica that has it loaded, and a replica
+loads one on demand, dropping the least recently used); concurrent requests are decoded together with
+@serve.batch, one generate call per adapter.
 
     serve run configs/serve/cpu.yaml          # or: serve deploy configs/serve/cpu.yaml
 
-Routes: POST /extract, POST /extract/batch, POST /v1/chat/completions (OpenAI structured output),
-GET /healthz, GET /schema, OpenAPI docs at /docs. Bad input gets a 4xx with a reason, never a 5xx.
+Routes: POST /extract, POST /extract/batch, POST /v1/chat/completions and GET /v1/models (OpenAI), GET /adapters,
+GET /schema, GET /healthz (open without a key), OpenAPI docs at /docs. Bad input gets a 4xx with a reason, never
+a 5xx; overload and a lost replica get 503 with Retry-After.
 
 No `from __future__ import annotations` here: under @serve.ingress the string annotation of a request model
 was not resolved, and FastAPI took the chat body for a required query parameter (every OpenAI call got 422).
 """
 
 import asyncio
-from collections import deque
+import hashlib
+import hmac
+import json
+import os
+import re
 import time
 import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +34,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from jsonextract.config import build
-from jsonextract.serve_config import ServeConfig
+from jsonextract.serve_config import LimitsConfig, ServeConfig
 
 # ---------------------------------------------------------------------------------------------- API types
 
@@ -32,6 +42,7 @@ from jsonextract.serve_config import ServeConfig
 class ExtractRequest(BaseModel):
     text: str = Field(..., description="the document to extract from")
     schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="JSON Schema (default: the adapter's)")
+    adapter: Optional[str] = Field(None, description="adapter name from GET /adapters (default: the deployment's)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="generation budget for this request")
 
     model_config = {"populate_by_name": True}
@@ -46,9 +57,17 @@ class ExtractResponse(BaseModel):
     output: Optional[dict[str, Any]] = Field(None, description="the schema-valid object, or null")
     valid: bool
     error: Optional[str] = Field(None, description="why there is no output: truncated, invalid_json, ...")
+    adapter: str = Field("", description="the adapter that answered (empty: the base model)")
     usage: Usage
     latency_ms: float
     input_truncated: bool = False
+
+
+class ErrorResponse(BaseModel):
+    detail: Any = Field(..., description="why the request was refused")
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 503)}
 
 
 class ChatMessage(BaseModel):
@@ -57,7 +76,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, description="adapter name (GET /v1/models); default: the deployment's")
     messages: list[ChatMessage]
     response_format: Optional[dict[str, Any]] = None
     max_tokens: Optional[int] = Field(None, ge=1)
@@ -73,6 +92,14 @@ class RequestError(Exception):
         self.status, self.detail = status, detail
 
 
+INTERNAL_PATH = re.compile(r"(\S*/)+\S+\.(cc|cpp|h|hpp|py)(:\d+)?:?")
+
+
+def public(message: str) -> str:
+    """An error message without source paths (xgrammar quotes its C++ file and line) and at most 500 chars."""
+    return INTERNAL_PATH.sub("", message).strip()[:500]
+
+
 # ---------------------------------------------------------------------------------------------- model replica
 
 
@@ -81,48 +108,103 @@ class Model:
     def __init__(self, cfg: ServeConfig):
         import torch
 
-        from jsonextract.decoding import Extractor
-        from jsonextract.model import load_for_inference
+        from jsonextract.adapters import Adapter, AdapterRegistry, MultiAdapterModel
         from jsonextract.prompt import PromptBuilder
         from jsonextract.schema import load_schema
 
         device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        lm = load_for_inference(cfg.model, cfg.adapter or None, device=device)
-        schema = lm.schema if lm.schema is not None else (load_schema(cfg.schema) if cfg.schema else None)
-        self.cfg, self.manifest, self.schema = cfg, lm.manifest, schema
+        self.cfg = cfg
+        self.registry = AdapterRegistry(cfg.adapters, cfg.adapter)
+        self.lm = MultiAdapterModel(cfg.model, self.registry, device)
+        from jsonextract.config import PromptConfig
+        self.base = Adapter("", PromptBuilder(PromptConfig(), load_schema(cfg.schema) if cfg.schema else None), None)
+        self.extractors: dict[str, Any] = {}
+        self.evicted: deque = deque()  # adapters Serve dropped from this replica; detached between batches
+        self.compile_pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         # Sizes of the last 1000 generate() batches (bounded: a replica runs for weeks) and a running count.
         self.batch_sizes: deque = deque(maxlen=1000)
         self.batch_count = 0
-        self.extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema), cfg.decoding,
-                                   max_prompt_tokens=cfg.model.max_length - cfg.decoding.max_new_tokens,
-                                   truncate_input=cfg.long_text == "truncate")
         self.extract_batch.set_max_batch_size(cfg.max_batch_size)
         self.extract_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-    def info(self) -> dict:
+        # @serve.multiplexed takes its bound when decorating; the bound is a setting, so decorate here. A plain
+        # function (not a bound method): Serve keeps its LRU state as an attribute of the decorated object.
+        @serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)
+        async def get_adapter(name: str):
+            return await self._load_adapter(name)
+        self.get_adapter = get_adapter
+
+    def extractor(self, adapter) -> Any:
+        from jsonextract.decoding import Extractor
+        ex = self.extractors.get(adapter.name)
+        if ex is None or ex.prompt is not adapter.prompt:
+            shared = next(iter(self.extractors.values()))._compiler if self.extractors else None
+            ex = Extractor(self.lm.model, self.lm.tokenizer, adapter.prompt, self.cfg.decoding,
+                           max_prompt_tokens=self.cfg.model.max_length - self.cfg.decoding.max_new_tokens,
+                           truncate_input=self.cfg.long_text == "truncate", _compiler=shared)
+            self.extractors[adapter.name] = ex
+        return ex
+
+    async def _load_adapter(self, name: str):
+        """Attach an adapter (on the event loop, between generate calls: never while one runs)."""
+        while name in self.evicted:
+            self.evicted.remove(name)
+        adapter = self.lm.load(name)
+        replica = self
+
+        class Held:  # Serve calls __del__ (in a thread) when it drops the adapter from this replica's LRU
+            def __init__(self):
+                self.adapter = adapter
+
+            def __del__(self):
+                replica.evicted.append(adapter.name)
+        held = Held()
+        if adapter.prompt.schema is not None:
+            await self.compile(adapter, adapter.prompt.schema)
+        return held
+
+    async def compile(self, adapter, schema: dict) -> None:
+        """Compile (or find cached) the grammar of `schema` in a worker thread, within the time limit."""
+        from jsonextract.schema import SchemaError
+        ex = self.extractor(adapter)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self.compile_pool, ex.grammar, schema),
+                                   self.cfg.limits.grammar_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(400, f"schema too complex: its grammar did not compile within "
+                                    f"{self.cfg.limits.grammar_timeout_s:g} s") from None
+        except SchemaError as e:
+            raise RequestError(400, public(str(e))) from None
+
+    async def info(self, name: str = "") -> dict:
+        adapter = (await self.get_adapter(name)).adapter if name else self.base
         recent = self.batch_sizes
-        return {"schema": self.schema, "manifest": self.manifest,
+        return {"adapter": name, "schema": adapter.prompt.schema, "manifest": adapter.manifest,
+                "loaded_adapters": self.lm.loaded(),
                 "batches": {"count": self.batch_count, "mean_size_last_1000": sum(recent) / max(len(recent), 1),
                             "max_batch_size": self.cfg.max_batch_size}}
 
-    def check(self, schema: dict | None) -> None:
-        """Raise RequestError(400) for a schema that is invalid or that the grammar compiler cannot handle."""
-        from jsonextract.schema import SchemaError
-        if schema is None and self.schema is None:
-            raise RequestError(400, "no schema: this deployment has none, so the request must bring one")
-        if schema is not None:
-            try:
-                self.extractor.grammar(schema)
-            except SchemaError as e:
-                raise RequestError(400, str(e)) from None
-
     async def __call__(self, item: dict) -> dict:
         """One request; errors that are the caller's come back as {'status', 'detail'} (handles carry values)."""
+        from jsonextract.adapters import UnknownAdapter
+        from jsonextract.model import ModelLoadError
+        name = serve.get_multiplexed_model_id()
         try:
-            self.check(item.get("schema"))
+            try:
+                adapter = (await self.get_adapter(name)).adapter if name else self.base
+            except UnknownAdapter as e:
+                raise RequestError(404, public(str(e))) from None
+            except ModelLoadError as e:
+                raise RequestError(400, public(str(e))) from None
+            schema = item.get("schema")
+            if schema is not None:
+                await self.compile(adapter, schema)
+            elif adapter.prompt.schema is None:
+                raise RequestError(400, "no schema: name an adapter (GET /adapters) or send a schema")
         except RequestError as e:
             return {"status": e.status, "detail": e.detail}
-        return await self.extract_batch(item)
+        return await self.extract_batch({**item, "adapter": adapter})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def extract_batch(self, items: list[dict]) -> list[dict]:
@@ -135,18 +217,27 @@ class Model:
     def _extract_sync(self, items: list[dict]) -> list[dict]:
         self.batch_sizes.append(len(items))
         self.batch_count += 1
-        out: list[dict | None] = [None] * len(items)
-        by_budget: dict[int, list[int]] = {}
+        groups: dict[tuple[str, int], list[int]] = {}  # one generate call per (adapter, budget)
         for i, it in enumerate(items):
-            by_budget.setdefault(it.get("max_new_tokens") or self.cfg.decoding.max_new_tokens, []).append(i)
-        for budget, idx in by_budget.items():
-            results = self.extractor.extract([items[i]["text"] for i in idx], [items[i].get("schema") for i in idx],
-                                             max_new_tokens=budget)
+            key = (it["adapter"].name, it.get("max_new_tokens") or self.cfg.decoding.max_new_tokens)
+            groups.setdefault(key, []).append(i)
+        in_use = {name for name, _ in groups}
+        while self.evicted:  # detach what Serve dropped, unless this batch still needs it
+            name = self.evicted.popleft()
+            if name not in in_use:
+                self.lm.unload(name)
+        out: list[dict | None] = [None] * len(items)
+        for (name, budget), idx in groups.items():
+            ex = self.extractor(items[idx[0]]["adapter"])
+            with self.lm.active(name) as model:
+                ex.model = model
+                results = ex.extract([items[i]["text"] for i in idx], [items[i].get("schema") for i in idx],
+                                     max_new_tokens=budget)
             for i, r in zip(idx, results):
                 if r.reason == "input_too_long":
                     out[i] = {"status": 413, "detail": f"text too long: {r.error}"}
                 else:
-                    out[i] = {"output": r.output, "valid": r.valid, "error": r.error, "raw": r.raw,
+                    out[i] = {"output": r.output, "valid": r.valid, "error": r.error, "raw": r.raw, "adapter": name,
                               "input_truncated": r.input_truncated,
                               "usage": {"input_tokens": r.input_tokens, "output_tokens": r.output_tokens}}
         return out  # type: ignore[return-value]
@@ -158,6 +249,81 @@ app = FastAPI(title="jsonextract", description="Text -> JSON that validates agai
               version="0.1.0")
 
 
+class GuardSettings:
+    """What Guard enforces in this replica process; set by Api.__init__ (Serve builds the ASGI app itself)."""
+    key_hashes: list[bytes] = []
+    max_body: int = LimitsConfig.max_body_bytes
+
+
+class Guard:
+    """Access and size checks before FastAPI reads a byte of the body: API keys (401) and body size (413).
+    Pure ASGI, so a refused body is never read, parsed or tokenised."""
+
+    OPEN = {"/healthz"}
+
+    def __init__(self, asgi_app):
+        self.app = asgi_app
+
+    @property
+    def key_hashes(self) -> list[bytes]:
+        return GuardSettings.key_hashes
+
+    @property
+    def max_body(self) -> int:
+        return GuardSettings.max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self.key_hashes and scope.get("path") not in self.OPEN and not self.authorised(headers):
+            return await refuse(send, 401, "missing or invalid API key (send Authorization: Bearer <key>)",
+                                [(b"www-authenticate", b"Bearer")])
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await refuse(send, 413, f"request body over this deployment's limit of {self.max_body} bytes")
+        if length is None and scope.get("method") in ("POST", "PUT", "PATCH"):  # chunked: count as it arrives
+            body, more = b"", True
+            while more:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    return
+                body += msg.get("body", b"")
+                more = msg.get("more_body", False)
+                if len(body) > self.max_body:
+                    return await refuse(send, 413, f"request body over this deployment's limit of "
+                                                   f"{self.max_body} bytes")
+            replayed = False
+
+            async def receive_again():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+            return await self.app(scope, receive_again, send)
+        return await self.app(scope, receive, send)
+
+    def authorised(self, headers: dict) -> bool:
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return False
+        digest = hashlib.sha256(key.strip().encode()).digest()
+        # compare against every key, in constant time each: timing tells nothing about which key or how much
+        return sum(hmac.compare_digest(digest, h) for h in self.key_hashes) > 0
+
+
+async def refuse(send, status: int, detail: str, extra: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                + (extra or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+app.add_middleware(Guard)
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     """Malformed JSON bodies and wrong types: 422 with the field and the reason (FastAPI's own detail)."""
@@ -165,64 +331,121 @@ async def _validation_error(request: Request, exc: RequestValidationError):
         {"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]})
 
 
-def _check_text(text: Any) -> None:
-    if not isinstance(text, str) or not text.strip():
-        raise HTTPException(400, "text must be a non-empty string")
+def key_hashes(cfg: ServeConfig) -> list[bytes]:
+    """SHA-256 of each API key (from $JSONEXTRACT_API_KEYS and api_keys_file): the deployment's arguments, which
+    Ray shows on its dashboard, never hold a key itself."""
+    keys = [k.strip() for k in os.environ.get("JSONEXTRACT_API_KEYS", "").split(",")]
+    if cfg.api_keys_file:
+        keys += [k.strip() for k in Path(cfg.api_keys_file).read_text().splitlines()]
+    return [hashlib.sha256(k.encode()).digest() for k in keys if k and not k.startswith("#")]
+
+
+def unavailable(detail: str) -> HTTPException:
+    return HTTPException(503, detail, headers={"Retry-After": "1"})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
 @serve.ingress(app)
 class Api:
-    def __init__(self, model, cfg: ServeConfig):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model, cfg: ServeConfig, hashes: list[bytes]):
+        from jsonextract.adapters import AdapterRegistry
+        self.model, self.cfg, self.limits = model, cfg, cfg.limits
+        self.registry = AdapterRegistry(cfg.adapters, cfg.adapter)
+        names = self.registry.names()
+        self.default = cfg.default_adapter or (names[0] if len(names) == 1 else "")
+        GuardSettings.key_hashes, GuardSettings.max_body = hashes, cfg.limits.max_body_bytes
+
+    def adapter_name(self, requested: Optional[str]) -> str:
+        from jsonextract.adapters import NAME
+        name = requested if requested else self.default
+        if name and (not NAME.match(name) or name not in self.registry.names()):
+            self.registry.refresh()
+            if name not in self.registry.names():
+                raise HTTPException(404, f"unknown adapter {name[:80]!r}; this deployment has: "
+                                         f"{', '.join(self.registry.names()) or 'none'}")
+        return name
 
     async def _one(self, req: ExtractRequest) -> dict:
-        _check_text(req.text)
+        from jsonextract.schema import SchemaError, check_limits
+        if not req.text.strip():
+            raise HTTPException(400, "text must be a non-empty string")
+        if len(req.text) > self.limits.max_text_chars:
+            raise HTTPException(413, f"text too long: {len(req.text)} characters, over this deployment's limit of "
+                                     f"{self.limits.max_text_chars}")
         budget = req.max_new_tokens or self.cfg.decoding.max_new_tokens
-        if budget > self.cfg.max_new_tokens_limit:
+        if budget > self.limits.max_new_tokens:
             raise HTTPException(400, f"max_new_tokens {budget} is over this deployment's limit "
-                                     f"{self.cfg.max_new_tokens_limit}")
+                                     f"{self.limits.max_new_tokens}")
+        if req.schema_ is not None:
+            try:
+                check_limits(req.schema_, self.limits.schema)
+            except SchemaError as e:
+                raise HTTPException(400, str(e)) from None
+        name = self.adapter_name(req.adapter)
         t0 = time.perf_counter()
-        res = await self.model.remote({"text": req.text, "schema": req.schema_, "max_new_tokens": budget})
+        res = await self.call_model(name, {"text": req.text, "schema": req.schema_, "max_new_tokens": budget})
         if "status" in res:
             raise HTTPException(res["status"], res["detail"])
         res["latency_ms"] = (time.perf_counter() - t0) * 1000
         return res
 
-    @app.post("/extract", response_model=ExtractResponse, summary="Extract JSON from one text")
+    async def call_model(self, name: str, item: dict) -> dict:
+        """The model's answer, or 503 + Retry-After when the replicas are full, gone, or too slow."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
+        handle = self.model.options(multiplexed_model_id=name) if name else self.model
+        response = handle.remote(item)
+        try:
+            return await asyncio.wait_for(response, self.limits.request_timeout_s)
+        except BackPressureError:
+            raise unavailable("overloaded: too many requests waiting for a model replica; retry later") from None
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise unavailable(f"no answer within {self.limits.request_timeout_s:g} s; retry later") from None
+        except RayActorError:
+            raise unavailable("the model replica serving this request stopped; retry") from None
+
+    @app.post("/extract", response_model=ExtractResponse, responses=ERRORS, summary="Extract JSON from one text")
     async def extract(self, req: ExtractRequest) -> dict:
         return await self._one(req)
 
-    @app.post("/extract/batch", response_model=list[ExtractResponse], summary="Extract JSON from several texts")
+    @app.post("/extract/batch", response_model=list[ExtractResponse], responses=ERRORS,
+              summary="Extract JSON from several texts")
     async def extract_many(self, reqs: list[ExtractRequest]) -> list[dict]:
         if not reqs:
             raise HTTPException(400, "empty batch")
+        if len(reqs) > self.limits.max_batch_items:
+            raise HTTPException(413, f"{len(reqs)} items, over this deployment's limit of "
+                                     f"{self.limits.max_batch_items} per batch")
         return list(await asyncio.gather(*(self._one(r) for r in reqs)))
 
-    @app.post("/v1/chat/completions", summary="OpenAI-compatible structured output (response_format json_schema)")
+    @app.post("/v1/chat/completions", responses=ERRORS,
+              summary="OpenAI-compatible structured output (response_format json_schema)")
     async def chat(self, req: ChatRequest) -> dict:
         users = [m for m in req.messages if m.role == "user"]
         if not users:
             raise HTTPException(400, "messages must contain a user message with the text")
         content = users[-1].content
         if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict)
+                              and isinstance(p.get("text", ""), str))
         schema = None
         rf = req.response_format or {}
         if rf.get("type") == "json_schema":
-            schema = (rf.get("json_schema") or {}).get("schema")
+            schema = (rf.get("json_schema") or {}).get("schema") if isinstance(rf.get("json_schema"), dict) else None
             if not isinstance(schema, dict):
                 raise HTTPException(400, "response_format.json_schema.schema must be a JSON Schema object")
         elif rf and rf.get("type") not in ("json_object", "text"):
-            raise HTTPException(400, f"unsupported response_format type {rf.get('type')!r}")
+            raise HTTPException(400, f"unsupported response_format type {str(rf.get('type'))[:40]!r}")
+        model = req.model if req.model not in (None, "", "jsonextract") else None
         res = await self._one(ExtractRequest(text=content if isinstance(content, str) else "", schema=schema,
+                                             adapter=model,
                                              max_new_tokens=req.max_completion_tokens or req.max_tokens))
         if not res["valid"] and not (res["error"] or "").startswith("truncated"):
             raise HTTPException(422, f"the model's output did not validate: {res['error']}")
-        import json
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": req.model or "jsonextract",
+            "model": res["adapter"] or "jsonextract",
             "choices": [{"index": 0, "message": {"role": "assistant",
                                                  "content": json.dumps(res["output"], ensure_ascii=False)
                                                  if res["valid"] else res.get("raw", "")},
@@ -231,26 +454,41 @@ class Api:
                       "total_tokens": res["usage"]["input_tokens"] + res["usage"]["output_tokens"]},
         }
 
-    @app.get("/healthz", summary="Liveness")
+    @app.get("/v1/models", summary="OpenAI model list: the adapters this deployment serves")
+    async def models(self) -> dict:
+        self.registry.refresh()
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "jsonextract"}
+                                           for n in self.registry.names()]}
+
+    @app.get("/adapters", summary="Adapter names, and the one used when a request names none")
+    async def adapters(self) -> dict:
+        self.registry.refresh()
+        return {"adapters": self.registry.names(), "default": self.default}
+
+    @app.get("/healthz", summary="Liveness (open without an API key)")
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @app.get("/schema", summary="The deployment's default schema and the adapter's manifest")
-    async def schema(self) -> dict:
-        return await self.model.info.remote()
+    @app.get("/schema", responses=ERRORS, summary="An adapter's schema and manifest (default: the deployment's)")
+    async def schema(self, adapter: Optional[str] = None) -> dict:
+        name = self.adapter_name(adapter)
+        handle = self.model.info.options(multiplexed_model_id=name) if name else self.model.info
+        return await handle.remote(name)
 
 
 def build_app(args: dict) -> serve.Application:
     """Application builder for `serve run` / `serve deploy` (import path `serve.app:build_app`)."""
-    cfg = build(ServeConfig, dict(args), source="serve application args")
     import dataclasses
-    for key in ("adapter", "schema"):
+    cfg = build(ServeConfig, dict(args), source="serve application args")
+    for key in ("adapter", "adapters", "schema", "api_keys_file"):
         p = getattr(cfg, key)
-        if p and Path(p).exists():
+        if p and "://" not in p and Path(p).exists():
             cfg = dataclasses.replace(cfg, **{key: str(Path(p).resolve())})
     if cfg.model.name and Path(cfg.model.name).exists():
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(Path(cfg.model.name).resolve())))
     # Serve's default max_ongoing_requests (5) would cap every batch at 5 requests and the ingress at 5 in
     # flight: let each model replica hold two full batches (one decoding, one filling) and the ingress many more.
-    model = Model.options(max_ongoing_requests=2 * cfg.max_batch_size)
-    return Api.options(max_ongoing_requests=64 * cfg.max_batch_size).bind(model.bind(cfg), cfg)
+    # Beyond that, max_queued_requests bounds the wait: more requests get a fast 503, not an unbounded queue.
+    model = Model.options(max_ongoing_requests=2 * cfg.max_batch_size,
+                          max_queued_requests=cfg.limits.max_queued_requests)
+    return Api.options(max_ongoing_requests=64 * cfg.max_batch_size).bind(model.bind(cfg), cfg, key_hashes(cfg))

@@ -1,6 +1,7 @@
 """The Serve app for real: Ray Serve on 127.0.0.1, real HTTP, the real OpenAI client."""
 import concurrent.futures as cf
 import json
+import re
 
 import pytest
 import requests
@@ -19,7 +20,7 @@ def app(ray_session, tiny_model, snips_schema):
 
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app({"model": {"name": str(tiny_model), "max_length": 256}, "schema": str(SNIPS / "schema.json"),
-                         "decoding": {"max_new_tokens": 40}, "max_batch_size": 16, "max_new_tokens_limit": 128}),
+                         "decoding": {"max_new_tokens": 40}, "max_batch_size": 16, "limits": {"max_new_tokens": 128}}),
               name="jsonextract", route_prefix="/")
     yield URL
     serve.shutdown()
@@ -107,3 +108,63 @@ def test_health_schema_and_openapi(app):
     spec = requests.get(f"{URL}/openapi.json", timeout=30).json()
     assert {"/extract", "/extract/batch", "/v1/chat/completions", "/healthz", "/schema"} <= set(spec["paths"])
     assert requests.get(f"{URL}/docs", timeout=30).status_code == 200
+
+
+def _deep(n: int) -> dict:
+    s: dict = {"type": "string"}
+    for _ in range(n):
+        s = {"type": "object", "properties": {"a": s}}
+    return s
+
+
+@pytest.mark.parametrize("name,body,status,reason", [
+    ("deep schema", {"text": "x", "schema": _deep(200)}, 400, "deeper"),
+    ("huge enum", {"text": "x", "schema": {"type": "object", "properties": {"a": {"enum": [str(i) for i in range(50000)]}}}},
+     400, "enum"),
+    ("long pattern", {"text": "x", "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "a" * 5000}}}},
+     400, "pattern"),
+    ("circular ref", {"text": "x", "schema": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}}, 400, ""),
+    ("long text", {"text": "word " * 10000}, 413, "limit"),
+    ("big batch", [{"text": "x"}] * 3000, 413, "limit"),
+])
+def test_hostile_input_gets_a_fast_4xx_without_internals(app, name, body, status, reason):
+    import time
+    t0 = time.time()
+    r = post("/extract/batch" if isinstance(body, list) else "/extract", body)
+    assert r.status_code == status, r.text[:300]
+    assert reason in r.text.lower() and time.time() - t0 < 10, name
+    assert "Traceback" not in r.text and not re.search(r"/\w+/\S+\.(cc|h|py)", r.text), r.text[:300]
+
+
+def test_remote_ref_is_refused_without_any_outbound_request(app):
+    """A schema's `$ref` to a URL is refused, and the replica never connects to it (no request forgery)."""
+    import socket
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(2)
+    port = listener.getsockname()[1]
+    try:
+        for ref in (f"http://127.0.0.1:{port}/x.json", f"http://127.0.0.1:{port}/y.json#/a"):
+            schema = {"type": "object", "properties": {"a": {"$ref": ref}}}
+            r = post("/extract", {"text": "x", "schema": schema})
+            assert r.status_code == 400 and "local references" in r.text, r.text
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def test_oversized_body_is_refused_before_it_is_read(app):
+    """20 MB with a Content-Length, and 2 MB sent chunked without one: both 413 within seconds."""
+    import time
+    big = json.dumps({"text": "word " * 4_000_000}).encode()
+    t0 = time.time()
+    r = requests.post(URL + "/extract", data=big, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and "limit" in r.text and time.time() - t0 < 10
+
+    def chunks():
+        for _ in range(20):
+            yield b" " * 100_000
+    r = requests.post(URL + "/extract", data=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
