@@ -191,8 +191,9 @@ class Recipe:
         if not (do_eval or do_ckpt):
             return False
         metrics: dict[str, Any] = {"step": state.step}
-        if state.history:
-            metrics["train_loss"] = state.history[-1]["loss"]
+        losses = [h["loss"] for h in state.history if "loss" in h]  # not the resume or eval entries
+        if losses:
+            metrics["train_loss"] = losses[-1]
         if do_eval and self.dev:
             metrics["dev_loss"] = mean_loss(self.model, dev_examples(self.dev, cfg.eval), cfg.optim.batch_size,
                                             self.pad_id, self.worker)

@@ -92,12 +92,21 @@ class RequestError(Exception):
         self.status, self.detail = status, detail
 
 
-INTERNAL_PATH = re.compile(r"(\S*/)+\S+\.(cc|cpp|h|hpp|py)(:\d+)?:?")
+INTERNALS = re.compile(r"(\S*/)+\S+\.(cc|cpp|h|hpp|py)(:\d+)?:?|\[\d\d:\d\d:\d\d\]|Check failed: \(.*?\) is false:")
 
 
 def public(message: str) -> str:
-    """An error message without source paths (xgrammar quotes its C++ file and line) and at most 500 chars."""
-    return INTERNAL_PATH.sub("", message).strip()[:500]
+    """An error message without source paths, log timestamps or assertion text (xgrammar's C++ errors carry all
+    three), at most 500 characters."""
+    return re.sub(r"\s+", " ", INTERNALS.sub("", message)).strip()[:500]
+
+
+def check_unicode(value: Any, what: str) -> None:
+    """400 for a lone surrogate (JSON allows "\\udc50"; the tokenizer and the grammar compiler cannot take it)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPException(400, f"{what} is not valid Unicode (it holds a lone surrogate code point)") from None
 
 
 # ---------------------------------------------------------------------------------------------- model replica
@@ -366,9 +375,11 @@ class Api:
         return name
 
     async def _one(self, req: ExtractRequest) -> dict:
-        from jsonextract.schema import SchemaError, check_limits
+        from jsonextract.schema import SchemaError, check_limits, check_schema
         if not req.text.strip():
             raise HTTPException(400, "text must be a non-empty string")
+        check_unicode(req.text, "text")
+        check_unicode(req.schema_, "schema")
         if len(req.text) > self.limits.max_text_chars:
             raise HTTPException(413, f"text too long: {len(req.text)} characters, over this deployment's limit of "
                                      f"{self.limits.max_text_chars}")
@@ -378,9 +389,12 @@ class Api:
                                      f"{self.limits.max_new_tokens}")
         if req.schema_ is not None:
             try:
-                check_limits(req.schema_, self.limits.schema)
+                check_limits(req.schema_, self.limits.schema)  # first: the checks below walk the schema
+                check_schema(req.schema_, "schema")
             except SchemaError as e:
                 raise HTTPException(400, str(e)) from None
+            if req.schema_.get("type") != "object":  # as OpenAI's strict structured output: answers are objects
+                raise HTTPException(400, 'the schema\'s root must be an object schema ({"type": "object", ...})')
         name = self.adapter_name(req.adapter)
         t0 = time.perf_counter()
         res = await self.call_model(name, {"text": req.text, "schema": req.schema_, "max_new_tokens": budget})

@@ -35,3 +35,10 @@ def test_serve_bench_quick():
 def test_adapt_bench_quick():
     out = run_bench("adapt.py")
     assert "| qlora |" in out and "| lora |" in out and "| full |" in out and "QLoRA / full-weight dev loss" in out
+
+
+def test_load_bench_quick():
+    """Mixed valid/invalid load, steady and with the Model replica killed: the bench itself fails (exit 1) on any
+    5xx other than a clean 503, a hung request, or an invalid request answered with anything but a 4xx."""
+    out = run_bench("load.py")
+    assert "| replica killed |" in out and "faults: none" in out

@@ -168,3 +168,19 @@ def test_oversized_body_is_refused_before_it_is_read(app):
             yield b" " * 100_000
     r = requests.post(URL + "/extract", data=chunks(), headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413, r.text
+
+
+def test_fuzzed_requests_never_get_a_5xx_and_match_the_documented_responses(app, tmp_path):
+    """schemathesis generates valid and invalid requests for every route of /openapi.json (the OpenAI route
+    included): no 5xx, and every answer's status, content type and body are the documented ones."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    st = Path(sys.executable).parent / "st"
+    r = subprocess.run([str(st), "run", f"{URL}/openapi.json", "--checks",
+                        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+                        "--max-examples", "12", "--seed", "1", "--workers", "2", "--request-timeout", "60",
+                        "--generation-database", "none", "--max-time", "60", "--no-color",
+                        "--report", "junit", "--report-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=420, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
