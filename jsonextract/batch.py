@@ -138,6 +138,9 @@ def merge_chunks(objs: list[dict]) -> dict:
     return out
 
 
+NO_ANNOTATION = {"grounding": None, "confidence": None, "dropped": None}  # rows without an output
+
+
 class ExtractActor:
     """One model copy per actor (map_batches on an actor pool). Never raises on a row: failures are error rows."""
 
@@ -171,7 +174,7 @@ class ExtractActor:
         for i, r in enumerate(rows):
             if r["error"]:
                 results[i] = {"output": None, "valid": False, "error": r["error"], "input_tokens": 0,
-                              "output_tokens": 0, "input_truncated": False, "chunks": 0}
+                              "output_tokens": 0, "input_truncated": False, "chunks": 0} | NO_ANNOTATION
             else:
                 todo.append(i)
         for group in self._token_groups([rows[i]["text"] for i in todo], todo):
@@ -203,7 +206,8 @@ class ExtractActor:
         except Exception as e:  # a failure of the whole batch: retry row by row so one bad row cannot sink it
             if len(texts) == 1:
                 return [{"output": None, "valid": False, "error": f"internal: {type(e).__name__}: {e}",
-                         "input_tokens": 0, "output_tokens": 0, "input_truncated": False, "chunks": 0}]
+                         "input_tokens": 0, "output_tokens": 0, "input_truncated": False, "chunks": 0}
+                        | NO_ANNOTATION]
             return [r for t in texts for r in self._extract([t])]
         return results
 
@@ -222,7 +226,7 @@ class ExtractActor:
         good = [r.output for r in results if r.valid]
         base = {"input_tokens": sum(r.input_tokens for r in results),
                 "output_tokens": sum(r.output_tokens for r in results), "input_truncated": False,
-                "chunks": len(chunks)}
+                "chunks": len(chunks)} | NO_ANNOTATION
         if not good:
             return base | {"output": None, "valid": False, "error": f"{results[0].error} (all {len(chunks)} chunks)"}
         merged = merge_chunks(good)
@@ -230,8 +234,15 @@ class ExtractActor:
         msg = validation_error(merged, schema) if schema is not None else None
         if msg:
             return base | {"output": None, "valid": False, "error": f"schema_invalid: merged chunks {msg}"}
-        from .schema import canonical_json, order_like_schema
-        return base | {"output": canonical_json(order_like_schema(merged, schema)), "valid": True, "error": None}
+        from .decoding import Result, apply_grounding
+        from .schema import order_like_schema
+        # Grounded against the whole text, so offsets are into the whole text. A value's confidence comes from
+        # the chunk that first wrote its path.
+        res = Result(order_like_schema(merged, schema), True, None,
+                     confidence={p: c for r in reversed(results) if r.valid for p, c in (r.confidence or {}).items()})
+        apply_grounding(res, text, schema, self.cfg.decoding.grounding)
+        row = res.to_row()
+        return base | {k: row[k] for k in ("output", "valid", "error", "grounding", "confidence", "dropped")}
 
 
 # ---------------------------------------------------------------------------------------------- output side

@@ -66,6 +66,7 @@ class DecodingConfig:
     constrained: bool = True  # grammar-masked decoding (xgrammar) so outputs follow the schema
     max_string_length: int = 64  # maxLength added to schema strings that have none (unbounded strings never stop)
     max_array_items: int = 8  # maxItems added to schema arrays that have none
+    grounding: Literal["off", "annotate", "drop_ungrounded"] = "annotate"  # locate each value in the text; drop_ungrounded also removes free-text values not found there
     batch_size: int = 16  # prompts per generate() call where the caller batches by count (dev decoder, batch actor, predict); Serve batches by max_batch_size
 
 

@@ -35,15 +35,38 @@ class Result:
     input_tokens: int = 0
     output_tokens: int = 0
     input_truncated: bool = False  # the source text was cut to fit the context
+    grounding: dict | None = None  # {path: {"start", "end", "match"} | {"match": "label"} | None} (grounding.py)
+    confidence: dict | None = None  # {path: probability of the tokens that wrote the value}
+    dropped: list | None = None  # paths removed by grounding=drop_ungrounded
 
     @property
     def reason(self) -> str | None:
         return self.error.split(":", 1)[0] if self.error else None
 
     def to_row(self) -> dict:
+        def js(v):
+            return None if v is None else json.dumps(v, ensure_ascii=False)
         return {"output": canonical_json(self.output) if self.output is not None else None, "valid": self.valid,
                 "error": self.error, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "input_truncated": self.input_truncated}
+                "input_truncated": self.input_truncated, "grounding": js(self.grounding),
+                "confidence": js(self.confidence), "dropped": js(self.dropped)}
+
+
+class StepLogprobs:
+    """Records, per generation step, each row's log-probability of the token greedy decoding picks: the maximum
+    of the log-softmax of the scores as the model samples them (after the grammar mask, so renormalised over the
+    allowed tokens). Runs last among the logits processors; changes nothing."""
+
+    def __init__(self):
+        self.steps: list = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values.cpu())
+        return scores
+
+    def row(self, j: int, n: int) -> list[float]:
+        return [float(self.steps[k][j]) for k in range(min(n, len(self.steps)))]
 
 
 class GrammarLogitsProcessor:
@@ -125,9 +148,10 @@ class Extractor:
             raise SchemaError(f"unsupported JSON Schema feature: {e}") from None
 
     def extract(self, texts: list[str], schemas: list[dict | None] | None = None,
-                max_new_tokens: int | None = None) -> list[Result]:
+                max_new_tokens: int | None = None, grounding: str | None = None) -> list[Result]:
         """One Result per text, in order, from one generate() call: the caller decides what a batch is
-        (@serve.batch, the batch actor's token groups, `extract_in_batches`)."""
+        (@serve.batch, the batch actor's token groups, `extract_in_batches`). `grounding`: the policy
+        (default: decoding.grounding)."""
         schemas = schemas or [None] * len(texts)
         max_new = max_new_tokens or self.cfg.max_new_tokens
         results: list[Result | None] = [None] * len(texts)
@@ -144,6 +168,8 @@ class Extractor:
             for (i, ids, schema, trunc), res in zip(rows, self._generate(rows, max_new)):
                 res.input_tokens, res.input_truncated = len(ids), trunc
                 results[i] = res
+                if res.valid:
+                    apply_grounding(res, texts[i], schema, grounding or self.cfg.grounding)
         return results  # type: ignore[return-value]
 
     def _generate(self, rows, max_new: int) -> list[Result]:
@@ -157,18 +183,31 @@ class Extractor:
         for j, (_, row_ids, _, _) in enumerate(rows):
             ids[j, n - len(row_ids):] = torch.tensor(row_ids)
             mask[j, n - len(row_ids):] = 1
-        procs = []
+        procs: list = []
         if self.cfg.constrained:
             if any(r[2] is None for r in rows):
                 raise SchemaError("constrained decoding needs a schema: none given and the model has none")
             procs = [GrammarLogitsProcessor([self.grammar(r[2]) for r in rows], self.model.config.vocab_size)]
+        logprobs = StepLogprobs()
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=max_new, do_sample=False, logits_processor=procs,
+                                      max_new_tokens=max_new, do_sample=False, logits_processor=procs + [logprobs],
                                       eos_token_id=eos, pad_token_id=pad)
         new = gen[:, n:].tolist()
-        return [self._finish(toks, r[2], eos, pad, max_new) for toks, r in zip(new, rows)]
+        out = []
+        for j, (toks, r) in enumerate(zip(new, rows)):
+            res = self._finish(toks, r[2], eos, pad, max_new)
+            if res.valid and self.cfg.grounding != "off":
+                res.confidence = self._confidence(res, toks, logprobs.row(j, len(toks)), r[2])
+            out.append(res)
+        return out
+
+    def _confidence(self, res: Result, toks: list[int], logprobs: list[float], schema: dict | None) -> dict:
+        from .grounding import confidence
+        body = toks[:res.output_tokens]
+        ends = [len(self.tokenizer.decode(body[:k + 1], skip_special_tokens=True)) for k in range(len(body))]
+        return confidence(res.raw, res.output, schema, ends, logprobs)
 
     def _finish(self, toks: list[int], schema: dict | None, eos: int, pad: int, max_new: int) -> Result:
         ended = eos in toks
@@ -189,6 +228,22 @@ class Extractor:
             if msg:
                 return Result(None, False, f"schema_invalid: {msg}", raw, output_tokens=n_out)
         return Result(obj, True, None, raw, output_tokens=n_out)
+
+
+def apply_grounding(res: Result, text: str, schema: dict | None, policy: str) -> None:
+    """Add grounding to a valid result, and under drop_ungrounded remove the free-text values not in the text."""
+    from .grounding import drop_ungrounded, ground
+    if policy == "off":
+        res.confidence = None
+        return
+    res.grounding = ground(res.output, text, schema)
+    if policy == "drop_ungrounded":
+        res.output, res.dropped, _ = drop_ungrounded(res.output, res.grounding, schema)
+        if res.dropped:
+            res.grounding = ground(res.output, text, schema)  # list elements after a removed one moved up
+            shifted = tuple(p.rsplit("[", 1)[0] + "[" for p in res.dropped if p.endswith("]"))
+            res.confidence = {p: c for p, c in (res.confidence or {}).items()
+                              if p not in res.dropped and not p.startswith(shifted or ("\0",))}
 
 
 def extract_in_batches(extractor: Extractor, texts: list[str], batch_size: int,

@@ -25,7 +25,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +44,9 @@ class ExtractRequest(BaseModel):
     schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="JSON Schema (default: the adapter's)")
     adapter: Optional[str] = Field(None, description="adapter name from GET /adapters (default: the deployment's)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="generation budget for this request")
+    grounding: Optional[Literal["off", "annotate", "drop_ungrounded"]] = Field(
+        None, description="locate each value in the text (annotate), and also remove free-text values not found "
+                          "there (drop_ungrounded); default: the deployment's decoding.grounding")
 
     model_config = {"populate_by_name": True}
 
@@ -61,12 +64,19 @@ class ExtractResponse(BaseModel):
     usage: Usage
     latency_ms: float
     input_truncated: bool = False
+    grounding: Optional[dict[str, Optional[dict[str, Any]]]] = Field(
+        None, description='per value path: {"start", "end", "match": exact|normalized|fuzzy} (offsets into text), '
+                          '{"match": "label"} for enum/number/boolean values, or null: not found in the text')
+    confidence: Optional[dict[str, float]] = Field(
+        None, description="per value path: geometric-mean probability of the tokens that wrote it (constrained)")
+    dropped: Optional[list[str]] = Field(None, description="paths removed by grounding=drop_ungrounded")
 
 
 class ErrorResponse(BaseModel):
     detail: Any = Field(..., description="why the request was refused")
 
 
+PAGE = Path(__file__).with_name("static") / "index.html"
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 503)}
 
 
@@ -226,28 +236,30 @@ class Model:
     def _extract_sync(self, items: list[dict]) -> list[dict]:
         self.batch_sizes.append(len(items))
         self.batch_count += 1
-        groups: dict[tuple[str, int], list[int]] = {}  # one generate call per (adapter, budget)
+        groups: dict[tuple[str, int, str], list[int]] = {}  # one generate call per (adapter, budget, grounding)
         for i, it in enumerate(items):
-            key = (it["adapter"].name, it.get("max_new_tokens") or self.cfg.decoding.max_new_tokens)
+            key = (it["adapter"].name, it.get("max_new_tokens") or self.cfg.decoding.max_new_tokens,
+                   it.get("grounding") or self.cfg.decoding.grounding)
             groups.setdefault(key, []).append(i)
-        in_use = {name for name, _ in groups}
+        in_use = {name for name, _, _ in groups}
         while self.evicted:  # detach what Serve dropped, unless this batch still needs it
             name = self.evicted.popleft()
             if name not in in_use:
                 self.lm.unload(name)
         out: list[dict | None] = [None] * len(items)
-        for (name, budget), idx in groups.items():
+        for (name, budget, grounding), idx in groups.items():
             ex = self.extractor(items[idx[0]]["adapter"])
             with self.lm.active(name) as model:
                 ex.model = model
                 results = ex.extract([items[i]["text"] for i in idx], [items[i].get("schema") for i in idx],
-                                     max_new_tokens=budget)
+                                     max_new_tokens=budget, grounding=grounding)
             for i, r in zip(idx, results):
                 if r.reason == "input_too_long":
                     out[i] = {"status": 413, "detail": f"text too long: {r.error}"}
                 else:
                     out[i] = {"output": r.output, "valid": r.valid, "error": r.error, "raw": r.raw, "adapter": name,
-                              "input_truncated": r.input_truncated,
+                              "input_truncated": r.input_truncated, "grounding": r.grounding,
+                              "confidence": r.confidence, "dropped": r.dropped,
                               "usage": {"input_tokens": r.input_tokens, "output_tokens": r.output_tokens}}
         return out  # type: ignore[return-value]
 
@@ -268,7 +280,7 @@ class Guard:
     """Access and size checks before FastAPI reads a byte of the body: API keys (401) and body size (413).
     Pure ASGI, so a refused body is never read, parsed or tokenised."""
 
-    OPEN = {"/healthz"}
+    OPEN = {"/healthz", "/"}  # liveness, and the page (static; the calls it makes need the key)
 
     def __init__(self, asgi_app):
         self.app = asgi_app
@@ -397,7 +409,8 @@ class Api:
                 raise HTTPException(400, 'the schema\'s root must be an object schema ({"type": "object", ...})')
         name = self.adapter_name(req.adapter)
         t0 = time.perf_counter()
-        res = await self.call_model(name, {"text": req.text, "schema": req.schema_, "max_new_tokens": budget})
+        res = await self.call_model(name, {"text": req.text, "schema": req.schema_, "max_new_tokens": budget,
+                                           "grounding": req.grounding or self.cfg.decoding.grounding})
         if "status" in res:
             raise HTTPException(res["status"], res["detail"])
         res["latency_ms"] = (time.perf_counter() - t0) * 1000
@@ -478,6 +491,12 @@ class Api:
     async def adapters(self) -> dict:
         self.registry.refresh()
         return {"adapters": self.registry.names(), "default": self.default}
+
+    @app.get("/", include_in_schema=False)
+    async def page(self):
+        """The web page: paste a text, extract, see each value highlighted in the text (no external assets)."""
+        from fastapi.responses import HTMLResponse
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/healthz", summary="Liveness (open without an API key)")
     async def healthz(self) -> dict:

@@ -1,0 +1,88 @@
+"""Grounding (where each value is in the text) and confidence (how sure the decoder was), on known cases and on
+the real decoder with a model output made to disagree with its text."""
+import pytest
+
+from jsonextract.grounding import drop_ungrounded, ground, leaf_spans
+from jsonextract.schema import validation_error
+
+SCHEMA = {"type": "object", "properties": {
+    "intent": {"type": "string", "enum": ["PlayMusic", "BookRestaurant"]},
+    "people": {"type": "integer"},
+    "slots": {"type": "object", "properties": {
+        "artist": {"type": "string"}, "track": {"type": "string"}, "city": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}}}}},
+    "required": ["intent"]}
+
+
+def spans(text, g):
+    return {p: text[s["start"]:s["end"]] for p, s in g.items() if s and "start" in s}
+
+
+def test_exact_normalized_fuzzy_label_and_missing():
+    text = "Play  Blue in-Green by Miles Davis, then Kind of Blue, for 4 people in Pariss"
+    out = {"intent": "PlayMusic", "people": 4, "slots": {"artist": "Miles Davis", "track": "blue in green",
+                                                         "city": "Paris", "tags": ["kind of blue", "tokyo"]}}
+    g = ground(out, text, SCHEMA)
+    assert g["intent"] == {"match": "label"} and g["people"] == {"match": "label"}
+    assert g["slots.artist"]["match"] == "exact" and g["slots.track"]["match"] == "normalized"
+    assert g["slots.tags[0]"]["match"] == "normalized" and g["slots.tags[1]"] is None
+    assert g["slots.city"]["match"] == "exact"  # "Paris" is inside "Pariss": an exact substring
+    assert spans(text, g) == {"slots.artist": "Miles Davis", "slots.track": "Blue in-Green",
+                              "slots.city": "Paris", "slots.tags[0]": "Kind of Blue"}
+    fuzzy = ground({"slots": {"artist": "miles davies"}}, text, SCHEMA)["slots.artist"]
+    assert fuzzy["match"] == "fuzzy" and "Miles Davis" in text[fuzzy["start"] - 1:fuzzy["end"] + 1]
+    assert ground({"slots": {"city": "Rome"}}, text, SCHEMA)["slots.city"] is None  # short: no fuzzy guess
+
+
+def test_repeated_value_takes_the_occurrence_nearest_the_previous_field():
+    text = "jazz by Miles Davis. Later: Kind of Blue by Miles Davis"
+    out = {"slots": {"track": "Kind of Blue", "artist": "Miles Davis"}}
+    g = ground(out, text, SCHEMA)
+    assert g["slots.artist"]["start"] == text.rindex("Miles Davis")
+
+
+def test_drop_ungrounded_keeps_the_output_schema_valid():
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"},
+                                               "c": {"type": "array", "items": {"type": "string"}}},
+              "required": ["a"], "additionalProperties": False}
+    out = {"a": "zzz", "b": "yyy", "c": ["here", "xxx", "there"]}
+    g = ground(out, "here and there", schema)
+    new, dropped, kept = drop_ungrounded(out, g, schema)
+    assert new == {"a": "zzz", "c": ["here", "there"]} and dropped == ["b", "c[1]"] and kept == ["a"]
+    assert validation_error(new, schema) is None and out["b"] == "yyy"  # the input is not changed
+
+
+def test_leaf_spans_are_the_canonical_json():
+    text, s = leaf_spans({"a": "x\"y", "b": [1, None, "é"], "c": {"d": True}}, None)
+    assert text == '{"a":"x\\"y","b":[1,null,"é"],"c":{"d":true}}'
+    assert text[slice(*s["a"])] == 'x\\"y' and text[slice(*s["b[2]"])] == "é" and text[slice(*s["c.d"])] == "true"
+    assert "b[1]" not in s
+
+
+@pytest.mark.parametrize("policy", ["annotate", "drop_ungrounded"])
+def test_decoder_output_that_disagrees_with_the_text_is_flagged(tiny_model, policy):
+    """Patterns make the untrained model write "paris" (in the text) and "tokyo" (not in it)."""
+    from jsonextract import config as C
+    from jsonextract.decoding import Extractor
+    from jsonextract.model import load_base, load_tokenizer
+    from jsonextract.prompt import PromptBuilder
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^paris$"},
+                                               "to": {"type": "string", "pattern": "^tokyo$"},
+                                               "mode": {"type": "string", "enum": ["air", "rail"]}},
+              "required": ["city", "mode"], "additionalProperties": False}
+    ex = Extractor(load_base(C.ModelConfig(name=str(tiny_model))), load_tokenizer(str(tiny_model)),
+                   PromptBuilder(C.PromptConfig(), schema), C.DecodingConfig(max_new_tokens=40))
+    text = "We fly from Paris tomorrow."
+    res = ex.extract([text], grounding=policy)[0]
+    assert res.valid, res.error
+    assert res.grounding["city"] == {"start": 12, "end": 17, "match": "normalized"}
+    assert res.grounding["mode"] == {"match": "label"}
+    assert all(0.0 <= p <= 1.0 for p in res.confidence.values()) and {"city", "mode"} <= set(res.confidence)
+    if policy == "annotate":
+        assert res.output["to"] == "tokyo" and res.grounding["to"] is None and not res.dropped
+    else:
+        assert "to" not in res.output and res.dropped == ["to"] and "to" not in res.confidence
+        assert validation_error(res.output, schema) is None
+    row = res.to_row()
+    assert row["grounding"] and row["confidence"]  # batch rows carry them as JSON columns
