@@ -135,6 +135,9 @@ def format_table(metrics: dict[str, Any], max_fields: int = 60) -> str:
         return out
 
     lines += table("group", metrics["groups"]) + [""] + table("field", metrics["per_field"])
+    if metrics.get("grounding"):
+        from .calibration import format_grounding
+        lines += ["", format_grounding(metrics["grounding"])]
     return "\n".join(lines)
 
 
@@ -155,4 +158,8 @@ def score_files(predictions: str, gold: str, schema: dict | None = None,
     pairs = [(preds.get(rec.id), rec.target) for rec in golds if rec.id in preds or not only_predicted]
     result = score_results(pairs, schema)
     result["missing_predictions"] = missing
+    from .calibration import grounding_metrics
+    grounding = grounding_metrics((preds[rec.id], rec.target) for rec in golds if rec.id in preds)
+    if grounding is not None:
+        result["grounding"] = grounding
     return result

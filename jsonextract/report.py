@@ -96,6 +96,42 @@ def _examples(pred_rows: list[dict], gold: dict[str, Any], texts: dict[str, str]
     return "\n".join(lines)
 
 
+def grounding_section(m: dict, out_dir: Path) -> list[str]:
+    """Grounding share, precision of grounded vs ungrounded values, annotate vs drop_ungrounded, calibration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+    parts = ["## Grounding and confidence\n",
+             f"{m['free_text_values']} free-text values predicted; {f(m['grounded_share'])} of them found in the "
+             f"text. Precision of values found: {f(m['precision_grounded'])}; not found: "
+             f"{f(m['precision_ungrounded'])}.\n",
+             "| policy | precision | recall | F1 |", "|---|---:|---:|---:|"]
+    for policy in ("annotate", "drop_ungrounded"):
+        p = m[policy]
+        parts.append(f"| {policy} | {p['precision']:.3f} | {p['recall']:.3f} | {p['f1']:.3f} |")
+    parts += ["", "(drop_ungrounded here: the same outputs with the values not found in the text removed.)\n",
+              "| confidence | values | mean confidence | accuracy |", "|---|---:|---:|---:|"]
+    parts += [f"| {b['bucket']} | {b['n']} | {f(b['mean_confidence'])} | {f(b['accuracy'])} |"
+              for b in m["calibration"]]
+    parts.append(f"\nExpected calibration error: {f(m['expected_calibration_error'])}.\n")
+    pts = [b for b in m["calibration"] if b["n"]]
+    if pts:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+        ax.plot([b["mean_confidence"] for b in pts], [b["accuracy"] for b in pts], marker="o")
+        ax.set_xlabel("mean confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title("calibration (per confidence bucket)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "calibration.png", dpi=100)
+        plt.close(fig)
+        parts.append("![calibration.png](calibration.png)\n")
+    return parts
+
+
 def write_report(out_dir: Path, *, title: str, metrics: dict, baseline: dict | None, history: list[dict],
                  pred_rows: list[dict], gold_records: list, timings: dict[str, float], notes: str = "") -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +146,8 @@ def write_report(out_dir: Path, *, title: str, metrics: dict, baseline: dict | N
     parts += ["## Timings\n", "| step | seconds |", "|---|---:|"] + \
              [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [""]
     parts += ["## Curves\n"] + [f"![{p}]({p})\n" for p in plots]
+    if metrics.get("grounding"):
+        parts += grounding_section(metrics["grounding"], out_dir)
     parts += ["## Per-field\n", _fields(metrics), "", "## Examples\n", _examples(pred_rows, gold, texts)]
     path = out_dir / "report.md"
     path.write_text("\n".join(parts))

@@ -86,3 +86,52 @@ def test_decoder_output_that_disagrees_with_the_text_is_flagged(tiny_model, poli
         assert validation_error(res.output, schema) is None
     row = res.to_row()
     assert row["grounding"] and row["confidence"]  # batch rows carry them as JSON columns
+
+
+def test_grounding_metrics_from_result_rows():
+    """Precision of grounded vs ungrounded values, the drop_ungrounded counterfactual and calibration, computed
+    from batch rows and gold targets by hand-checkable counts."""
+    import json
+    from jsonextract.calibration import grounding_metrics
+
+    rows = [
+        ({"valid": True, "output": json.dumps({"intent": "PlayMusic", "slots": {"artist": "miles", "album": "x"}}),
+          "grounding": json.dumps({"intent": {"match": "label"}, "slots.artist": {"start": 0, "end": 5, "match": "exact"},
+                                   "slots.album": None}),
+          "confidence": json.dumps({"intent": 0.99, "slots.artist": 0.9, "slots.album": 0.3})},
+         {"intent": "PlayMusic", "slots": {"artist": "Miles"}}),
+        ({"valid": False, "output": None, "grounding": None, "confidence": None}, {"intent": "AddToPlaylist"}),
+    ]
+    m = grounding_metrics(rows)
+    assert m["free_text_values"] == 2 and m["grounded_share"] == 0.5
+    assert m["precision_grounded"] == 1.0 and m["precision_ungrounded"] == 0.0
+    assert m["annotate"]["precision"] == 2 / 3 and m["drop_ungrounded"]["precision"] == 1.0
+    assert m["annotate"]["recall"] == m["drop_ungrounded"]["recall"] == 2 / 3  # the wrong album cost no recall
+    by_bucket = {b["bucket"]: b for b in m["calibration"]}
+    assert by_bucket["[0.00, 0.50)"]["n"] == 1 and by_bucket["[0.00, 0.50)"]["accuracy"] == 0.0
+    assert by_bucket["[0.95, 1.00]"]["accuracy"] == 1.0
+    assert abs(m["expected_calibration_error"] - (0.3 + 0.1 + 0.01) / 3) < 1e-9
+    assert grounding_metrics([({"valid": True, "output": "{}", "grounding": None}, {})]) is None
+
+
+def test_static_review_page_of_a_batch_output(tmp_path):
+    import json
+    from jsonextract.view import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    text = "play <b>jazz</b> by Miles Davis"
+    row = {"id": "a", "valid": True, "output": json.dumps({"slots": {"artist": "miles davis", "album": "Kind of Blue"}}),
+           "grounding": json.dumps({"slots.artist": {"start": 20, "end": 31, "match": "normalized"}, "slots.album": None}),
+           "confidence": json.dumps({"slots.artist": 0.8}), "error": None}
+    (out / "part-0.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({"id": "b", "valid": False, "output": None,
+                                                                           "error": "truncated"}) + "\n")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "text": text}) + "\n" + json.dumps({"id": "b", "text": "x"}) + "\n")
+    page = tmp_path / "review.html"
+    assert main([str(out), "--input", str(inp), "--out", str(page)]) == 0
+    html = page.read_text()
+    assert '<mark class="normalized" data-path="slots.artist" title="slots.artist (normalized) · confidence 0.80">Miles Davis</mark>' in html
+    assert "&lt;b&gt;jazz&lt;/b&gt;" in html and "<b>jazz" not in html  # the text is escaped
+    assert "not in the text: slots.album" in html and "truncated" in html
+    assert main([str(tmp_path / "nope"), "--input", str(inp)]) == 2
