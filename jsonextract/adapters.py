@@ -76,6 +76,7 @@ class AdapterRegistry:
                 fs, _ = filesystem(self.root)
                 self._download_dir = self._download_dir or Path(tempfile.mkdtemp(prefix="adapters-"))
                 dest = self._download_dir / name
+                dest.mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(src, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
                 self._local[name] = dest
         return self._local[name]

@@ -122,3 +122,18 @@ def test_api_keys(app):
     assert post("/extract", {"text": "play jazz"}, key="other-key").status_code == 200
     assert requests.get(f"{URL}/v1/models", timeout=30).status_code == 401
     assert requests.get(f"{URL}/healthz", timeout=30).status_code == 200  # liveness stays open
+
+
+def test_registry_from_a_uri_copies_adapters_and_only_knows_its_names(registry, tmp_path):
+    """An object-store registry (here the file:// scheme through the same pyarrow filesystem code as s3://):
+    adapters are listed by folder name and copied to a local folder on first use."""
+    from jsonextract.adapters import AdapterRegistry, UnknownAdapter
+
+    reg = AdapterRegistry(f"file://{registry}")
+    assert reg.names() == ["restaurant", "snips"]
+    local = reg.path("restaurant")
+    assert local != registry / "restaurant" and (local / "adapter_model.safetensors").is_file()
+    assert reg.manifest("restaurant")["schema"] == load_schema(RESTAURANT / "schema.json")
+    for bad in ("../snips", "snips/../../etc", "nope"):
+        with pytest.raises(UnknownAdapter):
+            reg.path(bad)
