@@ -42,3 +42,8 @@ def test_load_bench_quick():
     5xx other than a clean 503, a hung request, or an invalid request answered with anything but a 4xx."""
     out = run_bench("load.py")
     assert "| replica killed |" in out and "faults: none" in out
+
+
+def test_grounding_bench_quick():
+    out = run_bench("grounding.py")
+    assert "| off |" in out and "| annotate |" in out and "annotate / off time" in out
