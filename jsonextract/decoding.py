@@ -62,7 +62,8 @@ class StepLogprobs:
 
     def __call__(self, input_ids, scores):
         import torch
-        self.steps.append(torch.log_softmax(scores.float(), dim=-1).max(dim=-1).values.cpu())
+        x = scores.float()  # max of log_softmax, without materialising it: max - logsumexp
+        self.steps.append((x.max(dim=-1).values - torch.logsumexp(x, dim=-1)).cpu())
         return scores
 
     def row(self, j: int, n: int) -> list[float]:
