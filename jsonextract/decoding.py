@@ -166,14 +166,15 @@ class Extractor:
                 continue
             rows.append((i, enc.ids, schema, enc.truncated))
         if rows:
-            for (i, ids, schema, trunc), res in zip(rows, self._generate(rows, max_new)):
+            policy = grounding or self.cfg.grounding
+            for (i, ids, schema, trunc), res in zip(rows, self._generate(rows, max_new, policy)):
                 res.input_tokens, res.input_truncated = len(ids), trunc
                 results[i] = res
                 if res.valid:
-                    apply_grounding(res, texts[i], schema, grounding or self.cfg.grounding)
+                    apply_grounding(res, texts[i], schema, policy)
         return results  # type: ignore[return-value]
 
-    def _generate(self, rows, max_new: int) -> list[Result]:
+    def _generate(self, rows, max_new: int, policy: str) -> list[Result]:
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -199,7 +200,7 @@ class Extractor:
         out = []
         for j, (toks, r) in enumerate(zip(new, rows)):
             res = self._finish(toks, r[2], eos, pad, max_new)
-            if res.valid and self.cfg.grounding != "off":
+            if res.valid and policy != "off":  # the call's policy, not only the config's
                 res.confidence = self._confidence(res, toks, logprobs.row(j, len(toks)), r[2])
             out.append(res)
         return out
