@@ -34,6 +34,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype (bf16 on GPU, fp32 on CPU)
     max_length: int = 512  # context length used for prompts + answers (tokens)
     trust_remote_code: bool = False  # passed to from_pretrained for models with custom code
+    inference_weights: Literal["dequantized", "nf4"] = "dequantized"  # inference over an NF4 base (batch, serve, predict): expand it once to `dtype` and merge a single adapter into it (same values, no 4-bit unpacking per step, 4x the weight memory), or keep it 4-bit; training ignores it
 
     def __post_init__(self) -> None:
         if self.max_length < 16:
@@ -67,6 +68,8 @@ class DecodingConfig:
     max_string_length: int = 64  # maxLength added to schema strings that have none (unbounded strings never stop)
     max_array_items: int = 8  # maxItems added to schema arrays that have none
     grounding: Literal["off", "annotate", "drop_ungrounded"] = "annotate"  # locate each value in the text; drop_ungrounded also removes free-text values not found there
+    jump_forward: bool = True  # feed the tokens the grammar forces (keys, quotes, braces) in one forward pass and keep those the model agrees with: the same output in fewer passes
+    prefix_cache: bool = True  # compute the prompt start all rows share (chat template, instruction, schema) once and reuse it
     batch_size: int = 16  # prompts per generate() call where the caller batches by count (dev decoder, batch actor, predict); Serve batches by max_batch_size
 
 

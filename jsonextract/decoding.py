@@ -52,54 +52,6 @@ class Result:
                 "confidence": js(self.confidence), "dropped": js(self.dropped)}
 
 
-class StepLogprobs:
-    """Records, per generation step, each row's log-probability of the token greedy decoding picks: the maximum
-    of the log-softmax of the scores as the model samples them (after the grammar mask, so renormalised over the
-    allowed tokens). Runs last among the logits processors; changes nothing."""
-
-    def __init__(self):
-        self.steps: list = []
-
-    def __call__(self, input_ids, scores):
-        import torch
-        x = scores.float()  # max of log_softmax, without materialising it: max - logsumexp
-        self.steps.append((x.max(dim=-1).values - torch.logsumexp(x, dim=-1)).cpu())
-        return scores
-
-    def row(self, j: int, n: int) -> list[float]:
-        return [float(self.steps[k][j]) for k in range(min(n, len(self.steps)))]
-
-
-class GrammarLogitsProcessor:
-    """Per-row grammar masks for `model.generate`; one instance per generate() call (matchers are stateful)."""
-
-    def __init__(self, compiled: list, vocab_size: int):
-        import xgrammar as xgr
-
-        self.xgr = xgr
-        self.matchers = [xgr.GrammarMatcher(g) for g in compiled]
-        self.bitmask = xgr.allocate_token_bitmask(len(compiled), vocab_size)
-        self.rejected = [False] * len(compiled)
-        self.started = False
-
-    def __call__(self, input_ids, scores):
-        if self.started:
-            last = input_ids[:, -1].tolist()
-            for i, m in enumerate(self.matchers):
-                if not m.is_terminated() and not self.rejected[i]:
-                    self.rejected[i] = not m.accept_token(last[i])
-        self.started = True
-        for i, m in enumerate(self.matchers):
-            if m.is_terminated() or self.rejected[i]:
-                self.bitmask[i].fill_(-1)  # finished rows: allow everything (generate pads them anyway)
-            else:
-                m.fill_next_token_bitmask(self.bitmask, i)
-        device = scores.device
-        scores = scores.to("cpu") if device.type != "cuda" else scores
-        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
-        return scores.to(device)
-
-
 @dataclass
 class Extractor:
     """Text (+ optional per-item schema) -> validated JSON, in batches."""
@@ -113,8 +65,11 @@ class Extractor:
     _compiler: Any = None
 
     def __post_init__(self) -> None:
+        from .generation import DecodeStats, PrefixCache
         # Bounded by entries here and by bytes inside xgrammar (its compiler cache is unlimited by default).
         self._compiled = functools.lru_cache(maxsize=self.grammar_cache_size)(self._compile)
+        self._prefix = PrefixCache()
+        self.stats = DecodeStats()
 
     @property
     def default_schema(self) -> dict | None:
@@ -175,35 +130,31 @@ class Extractor:
         return results  # type: ignore[return-value]
 
     def _generate(self, rows, max_new: int, policy: str) -> list[Result]:
-        import torch
+        from .generation import greedy_generate
 
-        pad = self.tokenizer.pad_token_id
-        eos = self.tokenizer.eos_token_id
-        n = max(len(r[1]) for r in rows)
-        ids = torch.full((len(rows), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), n), dtype=torch.long)
-        for j, (_, row_ids, _, _) in enumerate(rows):
-            ids[j, n - len(row_ids):] = torch.tensor(row_ids)
-            mask[j, n - len(row_ids):] = 1
-        procs: list = []
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        grammars = None
         if self.cfg.constrained:
             if any(r[2] is None for r in rows):
                 raise SchemaError("constrained decoding needs a schema: none given and the model has none")
-            procs = [GrammarLogitsProcessor([self.grammar(r[2]) for r in rows], self.model.config.vocab_size)]
-        logprobs = StepLogprobs()
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=max_new, do_sample=False, logits_processor=procs + [logprobs],
-                                      eos_token_id=eos, pad_token_id=pad)
-        new = gen[:, n:].tolist()
+            grammars = [self.grammar(r[2]) for r in rows]
+        gen = greedy_generate(self.model, [r[1] for r in rows], max_new=max_new, eos_id=eos, pad_id=pad,
+                              grammars=grammars, vocab_size=self.model.config.vocab_size,
+                              jump_forward=self.cfg.jump_forward,
+                              prefix=self._prefix if self.cfg.prefix_cache else None)
+        self.stats.add(gen)
         out = []
-        for j, (toks, r) in enumerate(zip(new, rows)):
+        for toks, lps, r in zip(gen.tokens, gen.logprobs, rows):
             res = self._finish(toks, r[2], eos, pad, max_new)
             if res.valid and policy != "off":  # the call's policy, not only the config's
-                res.confidence = self._confidence(res, toks, logprobs.row(j, len(toks)), r[2])
+                res.confidence = self._confidence(res, toks, lps, r[2])
             out.append(res)
         return out
+
+    def weights_changed(self) -> None:
+        """Call after changing the model's weights in place: the cached prompt prefix was computed with the old."""
+        from .generation import PrefixCache
+        self._prefix = PrefixCache()
 
     def _confidence(self, res: Result, toks: list[int], logprobs: list[float], schema: dict | None) -> dict:
         from .grounding import confidence

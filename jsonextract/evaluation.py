@@ -65,6 +65,7 @@ class DevDecoder:
         if unexpected:
             raise RuntimeError(f"dev decoder: no parameter {unexpected[0]} in its model copy")
         self.model.eval()
+        self.extractor.weights_changed()
         results = extract_in_batches(self.extractor, [r.text for r in self.records], self.batch_size)
         m = score_results(zip(results, [r.target for r in self.records]))
         out = {"dev_f1": m["f1"], "dev_exact_match": m["exact_match"], "dev_schema_valid": m["schema_valid_rate"]}

@@ -22,8 +22,15 @@ def test_train_bench_quick():
 
 
 def test_extract_bench_quick():
+    import re
     out = run_bench("extract.py")
-    assert "| naive loop" in out and "| Ray Data job" in out and "constrained / unconstrained" in out
+    assert "| generate(), step by step" in out and "| Ray Data job, defaults |" in out and "roofline:" in out
+    assert "constrained / unconstrained" in out
+    for variant in ("+ jump-forward", "+ shared prefix", "+ dequantized weights, adapter merged (defaults)"):
+        row = next(l for l in out.splitlines() if l.startswith(f"| {variant} |"))
+        assert "| 16/16 |" in row, row  # the same outputs as step-by-step decoding
+    assert re.search(r"^speedup: job rows/s vs step-by-step decoding on the same base = \d+\.\d\dx; "
+                     r"field F1 delta = [+-]\d+\.\d\d$", out, re.M), out[-800:]
 
 
 def test_serve_bench_quick():
