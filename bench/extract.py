@@ -1,17 +1,17 @@
 """Batch extraction speed: each decoding measure against step-by-step decoding, same records, same adapter, in one
 run, on each data set given (SNIPS and Restaurant-8k test by default, with the main jobs' adapters):
 
-- in one process, batch 32: `model.generate()` with a grammar logits processor over the NF4 base + LoRA (the
-  previous decoding path, kept here as the baseline), then this project's decoding loop step by step, + jump-
-  forward, + the shared prompt prefix, + dequantised weights with the adapter merged (the defaults), and the
-  defaults unconstrained;
-- the Ray Data job (rayjobs/extract.py, 2 actors) with step-by-step decoding on the NF4 base against the defaults.
+- in one process, batch 32: `model.generate()` with grammar masks over the NF4 base + LoRA (the previous
+  decoding path, `decoding.engine=generate model.inference_weights=nf4`), then the decoding loop step by step,
+  + jump-forward, + the shared prompt prefix, + dequantised weights with the adapter merged (the defaults), the
+  defaults unconstrained, and the dequantised weights step by step;
+- the Ray Data job (rayjobs/extract.py, 2 actors) on the previous path against the defaults.
 
     .venv/bin/python bench/extract.py [--sets snips=artifacts/adapters/snips,restaurant8k=artifacts/adapters/restaurant8k]
     .venv/bin/python bench/extract.py --quick      (tiny random model, 16 SNIPS records: what the tests run)
 
 Per variant: rows/s, output tokens/s, forward passes, share of output tokens that jump-forward emitted without a
-pass of their own, rows whose output is identical to step-by-step decoding, field F1. A roofline line compares
+pass of their own, rows whose output is identical to the previous path's, field F1. A roofline line compares
 each variant's matmul work per second with this machine's measured matmul throughput. The last line is
 `speedup: job rows/s vs step-by-step decoding on the same base = X.XXx; field F1 delta = +/-Y.YY`.
 """
@@ -30,58 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STEP = {"jump_forward": False, "prefix_cache": False}  # decoding settings of step-by-step decoding
-
-
-# ---------------------------------------------------------------------------------------------- the baseline
-
-
-class GrammarLogitsProcessor:
-    """The previous decoding path's per-row grammar masks for `model.generate` (one instance per call)."""
-
-    def __init__(self, compiled: list, vocab_size: int):
-        import xgrammar as xgr
-
-        self.xgr = xgr
-        self.matchers = [xgr.GrammarMatcher(g) for g in compiled]
-        self.bitmask = xgr.allocate_token_bitmask(len(compiled), vocab_size)
-        self.done = [False] * len(compiled)
-        self.started = False
-
-    def __call__(self, input_ids, scores):
-        if self.started:
-            for i, (m, t) in enumerate(zip(self.matchers, input_ids[:, -1].tolist())):
-                if not self.done[i] and not m.is_terminated():
-                    self.done[i] = not m.accept_token(t)
-        self.started = True
-        for i, m in enumerate(self.matchers):
-            if m.is_terminated() or self.done[i]:
-                self.bitmask[i].fill_(-1)
-            else:
-                m.fill_next_token_bitmask(self.bitmask, i)
-        self.xgr.apply_token_bitmask_inplace(scores, self.bitmask)
-        return scores
-
-
-def generate_baseline(ex, texts: list[str], batch: int, max_new: int) -> list:
-    """model.generate() per batch, one forward pass per token: what the project decoded with before."""
-    import torch
-
-    tok = ex.tokenizer
-    out = []
-    for i in range(0, len(texts), batch):
-        enc = [ex.prompt.encode_prompt(tok, t, None, ex.max_prompt_tokens).ids for t in texts[i:i + batch]]
-        n = max(map(len, enc))
-        ids = torch.tensor([[tok.pad_token_id] * (n - len(e)) + e for e in enc])
-        mask = (torch.arange(n) >= torch.tensor([n - len(e) for e in enc]).unsqueeze(1)).long()
-        procs = [GrammarLogitsProcessor([ex.grammar(ex.default_schema)] * len(enc), ex.model.config.vocab_size)]
-        with torch.inference_mode():
-            gen = ex.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                                    logits_processor=procs, eos_token_id=tok.eos_token_id,
-                                    pad_token_id=tok.pad_token_id)
-        out += [ex._finish(row, ex.default_schema, tok.eos_token_id, tok.pad_token_id, max_new)
-                for row in gen[:, n:].tolist()]
-    return out
+STEP = {"jump_forward": False, "prefix_cache": False}  # the decoding loop, one forward pass per token
+REFERENCE = {"engine": "generate"}  # transformers' generate() with grammar masks: the previous decoding path
+BASELINE = "generate(), step by step, NF4 base + LoRA (previous path)"
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -99,7 +50,7 @@ def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, 
     return Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, lm.schema or load_schema(schema_file)), cfg)
 
 
-def run_variant(ex, texts, targets, max_new: int, baseline: bool = False, **decoding) -> dict:
+def run_variant(ex, texts, targets, **decoding) -> dict:
     from jsonextract.decoding import extract_in_batches
     from jsonextract.generation import DecodeStats
     from jsonextract.metrics import score_results
@@ -108,12 +59,12 @@ def run_variant(ex, texts, targets, max_new: int, baseline: bool = False, **deco
     ex.weights_changed()
     ex.stats = DecodeStats()
     t0 = time.perf_counter()
-    res = generate_baseline(ex, texts, 32, max_new) if baseline else extract_in_batches(ex, texts, 32)
+    res = extract_in_batches(ex, texts, 32)
     s = time.perf_counter() - t0
     st = ex.stats.as_dict()
     tokens = sum(r.output_tokens for r in res)
     return {"rows_per_s": len(texts) / s, "tokens_per_s": tokens / s, "seconds": s, "raw": [r.raw for r in res],
-            "passes": None if baseline else st["forward_passes"], "forced": None if baseline else st["forced_share"],
+            "passes": st["forward_passes"], "forced": st["forced_share"], "fed": st["fed"], "padding": st["padding"],
             "f1": score_results(zip(res, targets), ex.default_schema)["f1"], "tokens": tokens,
             "prompt_tokens": sum(r.input_tokens for r in res)}
 
@@ -146,6 +97,11 @@ def matmul_gflops(rows: int, d_in: int, d_out: int, reps: int = 20) -> float:
     return 2 * rows * d_in * d_out * reps / (time.perf_counter() - t0) / 1e9
 
 
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
 def matmul_params(model_dir: str) -> int:
     """Weights a token passes through in matmuls: every Linear of the decoder plus the output projection."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -167,25 +123,24 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     rows: dict[str, dict] = {}
     ex = extractor(model, adapter, schema, "nf4", max_new)
     ex.extract(texts[:2])  # warm-up: grammar compilation, first-call allocations
-    rows["generate(), step by step, NF4 base + LoRA (previous path)"] = run_variant(ex, texts, targets, max_new,
-                                                                                     baseline=True)
-    rows["decoding loop, step by step, NF4"] = run_variant(ex, texts, targets, max_new, **STEP)
-    rows["+ jump-forward"] = run_variant(ex, texts, targets, max_new, jump_forward=True, prefix_cache=False)
-    rows["+ shared prefix"] = run_variant(ex, texts, targets, max_new, jump_forward=True, prefix_cache=True)
+    rows[BASELINE] = run_variant(ex, texts, targets, **REFERENCE)
+    rows["decoding loop, step by step, NF4"] = run_variant(ex, texts, targets, engine="loop", **STEP)
+    rows["+ jump-forward"] = run_variant(ex, texts, targets, jump_forward=True, prefix_cache=False)
+    rows["+ shared prefix"] = run_variant(ex, texts, targets, jump_forward=True, prefix_cache=True)
     del ex
     ex = extractor(model, adapter, schema, "dequantized", max_new)
     ex.extract(texts[:2])
-    rows["+ dequantized weights, adapter merged (defaults)"] = run_variant(ex, texts, targets, max_new)
-    rows["defaults, unconstrained"] = run_variant(ex, texts, targets, max_new, constrained=False)
-    rows["dequantized weights, step by step"] = run_variant(ex, texts, targets, max_new, constrained=True, **STEP)
+    rows["+ dequantized weights, adapter merged (defaults)"] = run_variant(ex, texts, targets)
+    rows["defaults, unconstrained"] = run_variant(ex, texts, targets, constrained=False)
+    rows["dequantized weights, step by step"] = run_variant(ex, texts, targets, constrained=True, **STEP)
     del ex
     jobs = {}
     if with_job:
         inp = tmp / f"{name}.jsonl"
         inp.write_text("\n".join(lines) + "\n")
-        jobs["Ray Data job, step by step, NF4"] = ray_job(
+        jobs["Ray Data job, generate() step by step, NF4 (previous path)"] = ray_job(
             model, adapter, schema, inp, tmp / f"{name}-step", max_new,
-            ["model.inference_weights=nf4", "decoding.jump_forward=false", "decoding.prefix_cache=false"])
+            ["model.inference_weights=nf4", "decoding.engine=generate"])
         jobs["Ray Data job, defaults"] = ray_job(model, adapter, schema, inp, tmp / f"{name}-fast", max_new, [])
     return {"n": len(texts), "rows": rows, "jobs": jobs, "adapter": adapter}
 
@@ -193,37 +148,40 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
 def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
     rows, jobs = r["rows"], r["jobs"]
     step = rows["decoding loop, step by step, NF4"]
-    base = rows["generate(), step by step, NF4 base + LoRA (previous path)"]
+    base = rows[BASELINE]
     flops_per_token = 2 * matmul_params(model)
     cfg = json.loads((Path(model) / "config.json").read_text())
     peak = matmul_gflops(32, cfg["hidden_size"], cfg["intermediate_size"])
     print(f"\n{name}: {r['n']} test records, {'adapter ' + Path(r['adapter']).name if r['adapter'] else 'untrained model'}"
           f", batch 32, one process (2 threads)\n")
-    print("| variant | rows/s | vs previous path | output tokens/s | forward passes | tokens without own pass | "
-          "identical to step by step | field F1 | % of matmul roofline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| variant | rows/s | vs previous path | output tokens/s | forward passes | output tokens without a pass "
+          "of their own | positions computed (padding) | matmul GFLOP/s (of probe) | output identical to previous "
+          "path | field F1 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, m in rows.items():
-        same = sum(a == b for a, b in zip(m["raw"], step["raw"]))
-        forced = "-" if m["forced"] is None else f"{m['forced']:.0%}"
-        work = (m["tokens"] + m["prompt_tokens"]) * flops_per_token / m["seconds"] / 1e9
+        same = sum(a == b for a, b in zip(m["raw"], base["raw"]))
+        gflops = m["fed"] * flops_per_token / m["seconds"] / 1e9
         print(f"| {label} | {m['rows_per_s']:.2f} | {m['rows_per_s'] / base['rows_per_s']:.2f}x | "
-              f"{m['tokens_per_s']:.0f} | {m['passes'] if m['passes'] is not None else '-'} | "
-              f"{forced} | "
-              f"{same}/{r['n']} | {100 * m['f1']:.1f} | {100 * work / peak:.0f}% |")
+              f"{m['tokens_per_s']:.0f} | {m['passes']} | {m['forced']:.0%} | {m['fed']} ({m['padding'] / m['fed']:.0%}) | "
+              f"{gflops:.1f} ({gflops / peak:.0%}) | {same}/{r['n']} | {100 * m['f1']:.1f} |")
     for label, m in jobs.items():
         print(f"| {label} | {m['rows_per_s']:.2f} | {m['rows_per_s'] / base['rows_per_s']:.2f}x | "
-              f"{m['tokens_per_s']:.0f} | - | - | - | {100 * m['f1']:.1f} | - |")
+              f"{m['tokens_per_s']:.0f} | - | - | - | - | - | {100 * m['f1']:.1f} |")
     d, u = rows["+ dequantized weights, adapter merged (defaults)"], rows["defaults, unconstrained"]
-    print(f"\nroofline: {flops_per_token / 1e9:.3f} GFLOP of matmul per token (2 x {matmul_params(model) / 1e6:.1f}M "
-          f"weights, lm_head included), prompt and output tokens counted; measured fp32 matmul throughput "
-          f"{peak:.1f} GFLOP/s (batch-32 MLP-shaped probe, 2 threads)")
+    d_fed = d["fed"] / d["seconds"]
+    print(f"\nroofline: {flops_per_token / 1e9:.3f} GFLOP of matmul per position computed (2 x "
+          f"{matmul_params(model) / 1e6:.1f}M weights, lm_head included); this machine's fp32 matmul probe (batch-32 "
+          f"MLP shape, {torch_threads()} threads) {peak:.1f} GFLOP/s = at most {peak * 1e9 / flops_per_token:.0f} "
+          f"positions/s; the defaults computed {d_fed:.0f} positions/s ({d['fed'] / max(d['tokens'], 1):.2f} per "
+          f"output token) = {d['tokens_per_s']:.0f} output tokens/s, {d_fed * flops_per_token / 1e9 / peak:.0%} of "
+          f"the probe")
     print(f"forward passes: step by step {step['passes']} -> jump-forward "
           f"{rows['+ jump-forward']['passes']} ({1 - rows['+ jump-forward']['passes'] / step['passes']:.0%} fewer)")
     print(f"constrained / unconstrained output tokens/s (defaults): {d['tokens_per_s'] / u['tokens_per_s']:.2f}")
     if jobs:
-        js, jf = jobs["Ray Data job, step by step, NF4"], jobs["Ray Data job, defaults"]
+        js, jf = jobs["Ray Data job, generate() step by step, NF4 (previous path)"], jobs["Ray Data job, defaults"]
         return (js["seconds"], jf["seconds"]), 100 * (jf["f1"] - js["f1"])
-    return None, 100 * (d["f1"] - step["f1"])
+    return None, 100 * (d["f1"] - base["f1"])
 
 
 def main() -> int:

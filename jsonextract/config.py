@@ -68,6 +68,7 @@ class DecodingConfig:
     max_string_length: int = 64  # maxLength added to schema strings that have none (unbounded strings never stop)
     max_array_items: int = 8  # maxItems added to schema arrays that have none
     grounding: Literal["off", "annotate", "drop_ungrounded"] = "annotate"  # locate each value in the text; drop_ungrounded also removes free-text values not found there
+    engine: Literal["loop", "generate"] = "loop"  # loop: this project's decoding loop (jump-forward, prefix cache); generate: transformers' generate(), one pass per token (for models whose cache the loop does not handle)
     jump_forward: bool = True  # feed the tokens the grammar forces (keys, quotes, braces) in one forward pass and keep those the model agrees with: the same output in fewer passes
     prefix_cache: bool = True  # compute the prompt start all rows share (chat template, instruction, schema) once and reuse it
     batch_size: int = 16  # prompts per generate() call where the caller batches by count (dev decoder, batch actor, predict); Serve batches by max_batch_size

@@ -65,10 +65,13 @@ class Extractor:
     _compiler: Any = None
 
     def __post_init__(self) -> None:
-        from .generation import DecodeStats, PrefixCache
+        from .generation import DecodeStats, Drafter, PassCost, PrefixCache
         # Bounded by entries here and by bytes inside xgrammar (its compiler cache is unlimited by default).
         self._compiled = functools.lru_cache(maxsize=self.grammar_cache_size)(self._compile)
         self._prefix = PrefixCache()
+        self._drafter = Drafter(self.tokenizer)
+        gpu = next(self.model.parameters()).device.type != "cpu"
+        self._cost = PassCost(prior=1e4 if gpu else 2.0)  # then learnt from the passes (generation.PassCost)
         self.stats = DecodeStats()
 
     @property
@@ -130,7 +133,7 @@ class Extractor:
         return results  # type: ignore[return-value]
 
     def _generate(self, rows, max_new: int, policy: str) -> list[Result]:
-        from .generation import greedy_generate
+        from .generation import greedy_generate, reference_generate
 
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         grammars = None
@@ -138,10 +141,14 @@ class Extractor:
             if any(r[2] is None for r in rows):
                 raise SchemaError("constrained decoding needs a schema: none given and the model has none")
             grammars = [self.grammar(r[2]) for r in rows]
-        gen = greedy_generate(self.model, [r[1] for r in rows], max_new=max_new, eos_id=eos, pad_id=pad,
-                              grammars=grammars, vocab_size=self.model.config.vocab_size,
-                              jump_forward=self.cfg.jump_forward,
-                              prefix=self._prefix if self.cfg.prefix_cache else None)
+        common = dict(max_new=max_new, eos_id=eos, pad_id=pad, grammars=grammars,
+                      vocab_size=self.model.config.vocab_size)
+        if self.cfg.engine == "generate":
+            gen = reference_generate(self.model, [r[1] for r in rows], **common)
+        else:
+            gen = greedy_generate(self.model, [r[1] for r in rows], cost=self._cost,
+                                  drafter=self._drafter if self.cfg.jump_forward else None,
+                                  prefix=self._prefix if self.cfg.prefix_cache else None, **common)
         self.stats.add(gen)
         out = []
         for toks, lps, r in zip(gen.tokens, gen.logprobs, rows):
@@ -201,8 +208,12 @@ def apply_grounding(res: Result, text: str, schema: dict | None, policy: str) ->
 
 def extract_in_batches(extractor: Extractor, texts: list[str], batch_size: int,
                        max_new_tokens: int | None = None) -> list[Result]:
-    """For callers that batch by count (the dev decoder, predict, chunks of one long text, benchmarks)."""
-    out: list[Result] = []
-    for i in range(0, len(texts), batch_size):
-        out += extractor.extract(texts[i:i + batch_size], max_new_tokens=max_new_tokens)
-    return out
+    """For callers that batch by count (the dev decoder, predict, chunks of one long text, benchmarks). Texts of
+    similar length share a batch (less left padding); results come back in input order."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list[Result | None] = [None] * len(texts)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        for i, r in zip(idx, extractor.extract([texts[i] for i in idx], max_new_tokens=max_new_tokens)):
+            out[i] = r
+    return out  # type: ignore[return-value]

@@ -155,3 +155,19 @@ def test_jump_forward_on_cuda(tiny_model, snips_schema, dtype):
         # fp32: identical. bf16 rounds a multi-token pass differently from a one-token pass, so an untrained
         # model's near-ties may break the other way on a few rows.
         assert same == len(texts) if dtype == "float32" else same >= 0.75 * len(texts)
+
+
+def test_decoding_loop_gives_generates_outputs_under_the_grammar(extractor, snips_schema):
+    """The loop with all its measures (jump-forward, prefix cache, rows leaving the batch) against transformers'
+    generate() with the same grammar masks: the same outputs and confidences."""
+    import dataclasses
+    texts = [r.text for r in read_jsonl(SNIPS / "test.jsonl")][50:66]
+    runs = {}
+    for engine in ("generate", "loop"):
+        ex = Extractor(extractor.model, extractor.tokenizer, extractor.prompt,
+                       dataclasses.replace(extractor.cfg, engine=engine))
+        runs[engine] = ex.extract(texts)
+    assert [r.raw for r in runs["loop"]] == [r.raw for r in runs["generate"]]
+    for a, b in zip(runs["loop"], runs["generate"]):
+        assert a.output_tokens == b.output_tokens
+        assert all(abs(a.confidence[p] - b.confidence[p]) < 1e-4 for p in a.confidence or {})
