@@ -8,6 +8,7 @@ run, on each data set given (SNIPS and Restaurant-8k test by default, with the m
 - the Ray Data job (rayjobs/extract.py, 2 actors) on the previous path against the defaults.
 
     .venv/bin/python bench/extract.py [--sets snips=artifacts/adapters/snips,restaurant8k=artifacts/adapters/restaurant8k]
+                                      [--records 96] [--job-records 400] [--ablations]
     .venv/bin/python bench/extract.py --quick      (tiny random model, 16 SNIPS records: what the tests run)
 
 Per variant: rows/s, output tokens/s, forward passes, share of output tokens that jump-forward emitted without a
@@ -113,10 +114,14 @@ def matmul_params(model_dir: str) -> int:
 # ---------------------------------------------------------------------------------------------- one data set
 
 
+def spread(lines: list[str], n: int) -> list[str]:
+    return lines[::max(len(lines) // n, 1)][:n]
+
+
 def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, max_new: int, tmp: Path,
-              with_job: bool) -> dict:
-    lines = (data / "test.jsonl").read_text().splitlines()
-    lines = lines[::max(len(lines) // n, 1)][:n]  # spread over the split
+              job_rows: int, ablations: bool) -> dict:
+    all_lines = (data / "test.jsonl").read_text().splitlines()
+    lines = spread(all_lines, n)
     recs = [json.loads(l) for l in lines]
     texts, targets = [r["text"] for r in recs], [r.get("target") for r in recs]
     schema = data / "schema.json"
@@ -133,16 +138,22 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     rows["+ dequantized weights, adapter merged (defaults)"] = run_variant(ex, texts, targets)
     rows["defaults, unconstrained"] = run_variant(ex, texts, targets, constrained=False)
     rows["dequantized weights, step by step"] = run_variant(ex, texts, targets, constrained=True, **STEP)
+    if ablations:  # the two choices of the jump-forward design, each undone alone
+        ex._cost.overhead_positions = lambda: 1e9  # every row padded to the longest draft
+        rows["ablation: defaults, every pass as wide as the longest draft"] = run_variant(ex, texts, targets,
+                                                                                         jump_forward=True)
+        ex._drafter = lambda m: m.find_jump_forward_tokens()
+        rows["ablation: that, drafts of xgrammar's longest-token match"] = run_variant(ex, texts, targets)
     del ex
     jobs = {}
-    if with_job:
+    if job_rows:
         inp = tmp / f"{name}.jsonl"
-        inp.write_text("\n".join(lines) + "\n")
+        inp.write_text("\n".join(spread(all_lines, job_rows)) + "\n")
         jobs["Ray Data job, generate() step by step, NF4 (previous path)"] = ray_job(
             model, adapter, schema, inp, tmp / f"{name}-step", max_new,
             ["model.inference_weights=nf4", "decoding.engine=generate"])
         jobs["Ray Data job, defaults"] = ray_job(model, adapter, schema, inp, tmp / f"{name}-fast", max_new, [])
-    return {"n": len(texts), "rows": rows, "jobs": jobs, "adapter": adapter}
+    return {"n": len(texts), "rows": rows, "jobs": jobs, "adapter": adapter, "job_rows": min(job_rows, len(all_lines))}
 
 
 def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
@@ -164,9 +175,14 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
         print(f"| {label} | {m['rows_per_s']:.2f} | {m['rows_per_s'] / base['rows_per_s']:.2f}x | "
               f"{m['tokens_per_s']:.0f} | {m['passes']} | {m['forced']:.0%} | {m['fed']} ({m['padding'] / m['fed']:.0%}) | "
               f"{gflops:.1f} ({gflops / peak:.0%}) | {same}/{r['n']} | {100 * m['f1']:.1f} |")
-    for label, m in jobs.items():
-        print(f"| {label} | {m['rows_per_s']:.2f} | {m['rows_per_s'] / base['rows_per_s']:.2f}x | "
-              f"{m['tokens_per_s']:.0f} | - | - | - | - | - | {100 * m['f1']:.1f} |")
+    if jobs:
+        print(f"\nThe Ray Data job (2 actors of half a CPU, batch 32, start-up included), {r['job_rows']} records:\n")
+        print("| job | rows/s | vs previous path | output tokens/s | seconds | field F1 |")
+        print("|---|---:|---:|---:|---:|---:|")
+        first = next(iter(jobs.values()))
+        for label, m in jobs.items():
+            print(f"| {label} | {m['rows_per_s']:.2f} | {m['rows_per_s'] / first['rows_per_s']:.2f}x | "
+                  f"{m['tokens_per_s']:.0f} | {m['seconds']:.0f} | {100 * m['f1']:.1f} |")
     d, u = rows["+ dequantized weights, adapter merged (defaults)"], rows["defaults, unconstrained"]
     d_fed = d["fed"] / d["seconds"]
     print(f"\nroofline: {flops_per_token / 1e9:.3f} GFLOP of matmul per position computed (2 x "
@@ -187,11 +203,15 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random model, 16 SNIPS records (used by the tests)")
-    ap.add_argument("--records", type=int, default=160, help="test records per data set, spread over the split")
+    ap.add_argument("--records", type=int, default=96, help="test records per data set for the in-process variants")
+    ap.add_argument("--job-records", type=int, default=400, help="test records per data set for the Ray Data jobs "
+                                                               "(more than --records: a job starts Ray and its actors)")
     ap.add_argument("--sets", help="name=adapter_dir,... (data/<name>; default: snips and restaurant8k with "
                                    "artifacts/adapters/<name> where present)")
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--no-job", action="store_true", help="skip the Ray Data job rows")
+    ap.add_argument("--no-job", action="store_true", help="skip the Ray Data jobs")
+    ap.add_argument("--ablations", action="store_true", help="also jump-forward with full-width passes, and with "
+                                                             "xgrammar's token drafts")
     args = ap.parse_args()
     if args.sets:
         sets = {k: v or None for k, v in (s.split("=", 1) for s in args.sets.split(","))}
@@ -213,7 +233,8 @@ def main() -> int:
             from jsonextract.base import DEFAULT_DIR, ensure_base
             model = str(ensure_base(ROOT / DEFAULT_DIR))
         for name, adapter in sets.items():
-            r = bench_set(name, ROOT / "data" / name, model, adapter, n, max_new, tmp, not args.no_job)
+            job_rows = 0 if args.no_job else (16 if args.quick else args.job_records)
+            r = bench_set(name, ROOT / "data" / name, model, adapter, n, max_new, tmp, job_rows, args.ablations)
             t, dl = report(name, r, model)
             if t is not None:
                 times.append(t)

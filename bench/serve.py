@@ -1,11 +1,12 @@
-"""Online serving throughput and latency: requests/s and p50/p99 latency at concurrency 1, 8 and 32, with
-@serve.batch batching on (max_batch_size 32) against max_batch_size 1, in the same run, over real HTTP on
-127.0.0.1.
+"""Online serving throughput and latency: requests/s and p50/p99 latency at concurrency 1, 8 and 32, over real
+HTTP on 127.0.0.1, in one run: @serve.batch batching (max_batch_size 32) with the default decoding, the same with
+the previous decoding path (transformers' generate() over the NF4 base: `decoding.engine=generate
+model.inference_weights=nf4`), and max_batch_size 1 with the default decoding.
 
     .venv/bin/python bench/serve.py [--adapter artifacts/adapters/snips] [--requests 96]
     .venv/bin/python bench/serve.py --quick
 
-It prints, at concurrency 32, batched / unbatched requests/s and the batched p99 / p50 latency ratio.
+It prints, at concurrency 32, batched / unbatched requests/s, defaults / previous path requests/s and p99.
 """
 from __future__ import annotations
 
@@ -71,9 +72,13 @@ def main() -> int:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         try:
-            for label, mbs in (("batched (max_batch_size 32)", 32), ("unbatched (max_batch_size 1)", 1)):
+            previous = {"engine": "generate"}, {"inference_weights": "nf4"}
+            for label, mbs, (dec, mod) in (("batched (max_batch_size 32)", 32, ({}, {})),
+                                           ("batched, previous decoding path", 32, previous),
+                                           ("unbatched (max_batch_size 1)", 1, ({}, {}))):
                 serve.run(build_app({**base, "max_batch_size": mbs, "batch_wait_timeout_s": 0.01,
-                                     "decoding": {"max_new_tokens": args.max_new_tokens}}),
+                                     "model": {**base.get("model", {}), **mod},
+                                     "decoding": {"max_new_tokens": args.max_new_tokens, **dec}}),
                           name="bench", route_prefix="/")
                 url = f"http://127.0.0.1:{PORT}/extract"
                 load_level(url, texts, 4, 8, args.max_new_tokens)  # warm-up
@@ -91,8 +96,10 @@ def main() -> int:
             print(f"| {label} | {c} | {m['rps']:.1f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['errors']} |")
     b = results["batched (max_batch_size 32)"][32]
     u = results["unbatched (max_batch_size 1)"][32]
+    p = results["batched, previous decoding path"][32]
     print(f"\nat concurrency 32: batched / unbatched requests/s = {b['rps'] / u['rps']:.1f}x; "
-          f"batched p99 / p50 = {b['p99'] / b['p50']:.2f}")
+          f"batched p99 / p50 = {b['p99'] / b['p50']:.2f}; defaults / previous decoding path requests/s = "
+          f"{b['rps'] / p['rps']:.2f}x, p99 {b['p99'] / 1000:.1f} s vs {p['p99'] / 1000:.1f} s")
     return 0
 
 

@@ -1,6 +1,6 @@
-"""One Serve deployment, many adapters: a registry folder with a SNIPS and a Restaurant-8k adapter over the same
-base, interleaved requests each answered with its own adapter's schema, at most one adapter held per replica
-(so they are swapped in and out under load), and API keys."""
+"""One Serve deployment, many adapters: a registry folder with a SNIPS and a Restaurant-8k adapter (each trained
+a few steps by the training job) over the same base, interleaved requests each answered with its own adapter's
+schema, at most one adapter held per replica (so they are swapped in and out under load), and API keys."""
 import concurrent.futures as cf
 import json
 
@@ -16,29 +16,31 @@ URL = f"http://127.0.0.1:{PORT}"
 KEY = "test-key-0123456789"
 
 
-def make_adapter(base, out, schema_file, seed):
-    """A LoRA adapter over `base` with a manifest, as the training job writes one (random LoRA weights: this
-    checks routing and schemas, not quality)."""
-    import torch
+def train_adapter(base, out, data, name, tmp):
+    """A few steps of the real training job (one process, no Ray) on a data set: the adapter and its manifest
+    (schema, prompt) are what `rayjobs/train.py` writes."""
+    import sys
     from jsonextract import config as C
-    from jsonextract.model import attach_lora, load_base, load_tokenizer, write_manifest
+    from jsonextract.train_config import TrainConfig
+    sys.path.insert(0, str(ROOT / "rayjobs"))
+    import train as train_job
 
-    torch.manual_seed(seed)
-    model = attach_lora(load_base(C.ModelConfig(name=str(base))), C.LoraSettings(r=4, alpha=8))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    model.save_pretrained(str(out))
-    load_tokenizer(str(base)).save_pretrained(str(out))
-    write_manifest(out, base_model=str(base), prompt=C.PromptConfig(), schema=load_schema(schema_file),
-                   config={"model": {"quantization": "none"}})
+    over = [f"model.name={base}", "model.max_length=256", f"data.train_file={data / 'train.jsonl'}",
+            "data.dev_file=", "data.max_train_records=64", "optim.batch_size=8", "optim.max_steps=3",
+            "optim.warmup_steps=1", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj]",
+            "eval.decode_samples=0", "run.use_ray=false", f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
+            f"data.cache_dir={tmp / 'cache'}", "run.checkpoint_every_steps=0"]
+    cfg = train_job.absolute_paths(C.load(TrainConfig, None, over))
+    ckpt, _ = train_job.fit_locally(cfg)
+    train_job.save_output(ckpt, str(out))
 
 
 @pytest.fixture(scope="module")
 def registry(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    make_adapter(tiny_model, root / "snips", SNIPS / "schema.json", 1)
-    make_adapter(tiny_model, root / "restaurant", RESTAURANT / "schema.json", 2)
+    runs = tmp_path_factory.mktemp("adapter-runs")
+    train_adapter(tiny_model, root / "snips", SNIPS, "snips", runs)
+    train_adapter(tiny_model, root / "restaurant", RESTAURANT, "restaurant", runs)
     (root / "not-an-adapter").mkdir()  # no manifest: not listed
     return root
 
