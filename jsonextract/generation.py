@@ -88,7 +88,7 @@ class PassCost:
 
 @dataclass
 class DecodeStats:
-    """Running totals over generate calls (what the benchmark and the batch summary report)."""
+    """Running totals over generate calls (what bench/extract.py reports)."""
     calls: int = 0
     output_tokens: int = 0
     forward_passes: int = 0

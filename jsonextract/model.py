@@ -84,7 +84,7 @@ def load_base(cfg: ModelConfig, device: str = "cpu"):
 def load_inference_base(cfg: ModelConfig, device: str = "cpu"):
     """The base for inference only. An NF4 base is dequantised once (cfg.inference_weights): the same weight
     values in `cfg.dtype`, so an adapter trained over the NF4 base sees what it was trained on, and no 4-bit
-    unpacking per forward pass (measured 1.9x faster decoding on 2 CPU cores, bench/extract.py)."""
+    unpacking per forward pass (1.6-1.7x faster decoding on 2 CPU cores: bench/extract.py, README)."""
     model = load_base(cfg, device)
     if cfg.quantization == "nf4" and cfg.inference_weights == "dequantized":
         model = model.dequantize()
