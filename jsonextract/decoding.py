@@ -70,8 +70,7 @@ class Extractor:
         self._compiled = functools.lru_cache(maxsize=self.grammar_cache_size)(self._compile)
         self._prefix = PrefixCache()
         self._drafter = Drafter(self.tokenizer)
-        gpu = next(self.model.parameters()).device.type != "cpu"
-        self._cost = PassCost(prior=1e4 if gpu else 2.0)  # then learnt from the passes (generation.PassCost)
+        self._cost = PassCost.for_device(next(self.model.parameters()).device)  # then learnt from the passes
         self.stats = DecodeStats()
 
     @property

@@ -63,6 +63,12 @@ class PassCost:
         self.prior = prior
         self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
 
+    @classmethod
+    def for_device(cls, device) -> "PassCost":
+        # Until the line is learnt (8 passes): on a CPU a pass's fixed cost is small next to its compute per
+        # position; on a GPU at these batch sizes a pass is nearly all fixed cost, so every pass goes full width.
+        return cls(prior=2.0 if str(device).startswith("cpu") else 1e4)
+
     def add(self, positions: int, seconds: float) -> None:
         self.n += 1
         self.sx += positions
@@ -187,8 +193,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
     rows = [_Row(xgr.GrammarMatcher(g) if grammars is not None else None, len(p) - 1)
             for p, g in zip(prompts, grammars or [None] * B)]
     jump_forward = drafter is not None and grammars is not None
-    if cost is None:
-        cost = PassCost(prior=1e4 if device.type != "cpu" else 2.0)
+    cost = cost or PassCost.for_device(device)
     gen = Generated([r.tokens for r in rows], [r.logprobs for r in rows])
 
     # Prompt: the shared prefix from the cache, then each row's rest, left-padded (padding = holes).
@@ -211,7 +216,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
     gen.padding += int((m == 0).sum())
     alive = list(range(B))  # row index of each batch slot
     for r in rows:
-        r.masks = _masks(r.matcher, [], vocab_size) if grammars is not None else None
+        r.masks = _masks(r.matcher, [], vocab_size)[1] if grammars is not None else None
 
     while True:
         # 1. choose: check each slot's draft against the model's masked argmax at its positions of the last pass
@@ -250,7 +255,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
             if not r.done and jump_forward:
                 r.draft = drafter(r.matcher)[:max_new - len(r.tokens)]
             if not r.done and grammars is not None:
-                r.masks = _masks(r.matcher, r.draft, vocab_size)
+                r.draft, r.masks = _masks(r.matcher, r.draft, vocab_size)
         # 3. drop finished rows, feed the others: [last token] + draft, right-padded (padding = holes).
         keep = [s for s, j in enumerate(alive) if not rows[j].done]
         if not keep:
@@ -287,18 +292,18 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
 
 
 def _masks(matcher, draft: list[int], vocab_size: int):
-    """Bitmask rows for a draft: the state before each draft token, then after the last one. The matcher ends
-    having accepted the draft (rolled back later for the tokens the model rejects)."""
+    """The part of `draft` the grammar accepts, and its bitmask rows: the state before each kept draft token,
+    then after the last one. The matcher ends having accepted the kept draft (rolled back later for the tokens
+    the model rejects)."""
     import xgrammar as xgr
 
     bm = xgr.allocate_token_bitmask(len(draft) + 1, vocab_size)
     for i, d in enumerate(draft):
         matcher.fill_next_token_bitmask(bm, i)
         if not matcher.accept_token(d):  # a tokenisation the grammar does not allow (e.g. a leading-space token)
-            del draft[i:]
-            return bm[:i + 1]
+            return draft[:i], bm[:i + 1]
     matcher.fill_next_token_bitmask(bm, len(draft))
-    return bm
+    return draft, bm
 
 
 # ---------------------------------------------------------------------------------------------- reference engine

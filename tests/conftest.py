@@ -52,13 +52,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_session():
+def ray_session(request):
     """One local Ray per test module (the job-submission test runs its own `ray start` cluster instead);
-    shut down at the end so no workers are orphaned."""
+    shut down at the end so no workers are orphaned. A module may ask for more logical CPUs (RAY_CPUS) when it
+    runs more actors side by side than two would schedule."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
