@@ -204,7 +204,7 @@ def test_overload_gets_a_fast_503_with_retry_after(app, tiny_model):
             answers = list(pool.map(one, range(16), timeout=300))
         codes = sorted(r.status_code for r in answers)
         # At most 3 are held at once (2 on the replica, 1 queued); how many of the 16 find a free place depends
-        # on timing (1 to 4 seen), the rest must be refused at once.
+        # on timing (1 in one run, at least 3 in another), the rest must be refused at once.
         assert set(codes) <= {200, 503} and codes.count(503) >= 4 and codes.count(200) >= 1, codes
         for r in answers:
             if r.status_code == 503:
