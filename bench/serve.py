@@ -1,12 +1,13 @@
 """Online serving throughput and latency: requests/s and p50/p99 latency at concurrency 1, 8 and 32, over real
 HTTP on 127.0.0.1, in one run: @serve.batch batching (max_batch_size 32) with the default decoding, the same with
 the previous decoding path (transformers' generate() over the NF4 base: `decoding.engine=generate
-model.inference_weights=nf4`), and max_batch_size 1 with the default decoding.
+model.inference_weights=nf4`), max_batch_size 1 with the default decoding, and (`--modes one-thread`) the
+replica on one torch thread, Ray's default for a replica that reserves 1 CPU.
 
-    .venv/bin/python bench/serve.py [--adapter artifacts/adapters/snips] [--requests 96]
+    .venv/bin/python bench/serve.py [--adapter artifacts/adapters/snips] [--requests 96] [--modes batched,one-thread]
     .venv/bin/python bench/serve.py --quick
 
-It prints, at concurrency 32, batched / unbatched requests/s, defaults / previous path requests/s and p99.
+It prints, at concurrency 32, each mode's requests/s and p99 against the batched defaults.
 """
 from __future__ import annotations
 
@@ -42,12 +43,25 @@ def load_level(url: str, texts: list[str], concurrency: int, n: int, max_new: in
     return {"rps": n / wall, "p50": p(0.50), "p99": p(0.99), "errors": sum(1 for x in res if x[1] != 200)}
 
 
+def MODES(threads: int) -> list:
+    """(--modes name, label, max_batch_size, (decoding, model) overrides, cpu_threads)."""
+    previous = {"engine": "generate"}, {"inference_weights": "nf4"}
+    return [("batched", "batched (max_batch_size 32)", 32, ({}, {}), threads),
+            ("previous", "batched, previous decoding path", 32, previous, threads),
+            ("unbatched", "unbatched (max_batch_size 1)", 1, ({}, {}), threads),
+            ("one-thread", "batched, replica on 1 thread (Ray's default for num_cpus 1)", 32, ({}, {}), 0)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few requests per level (used by the tests)")
     ap.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
     ap.add_argument("--adapter", help="adapter dir (default: artifacts/adapters/snips if present, else the base)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--cpu-threads", type=int, default=2,
+                    help="torch threads of the Model replica (configs/serve/cpu.yaml: 2; 0 = Ray's default, 1)")
+    ap.add_argument("--modes", default="batched,previous,unbatched",
+                    help="comma-separated: batched, previous, unbatched, one-thread")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -72,34 +86,40 @@ def main() -> int:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         try:
-            previous = {"engine": "generate"}, {"inference_weights": "nf4"}
-            for label, mbs, (dec, mod) in (("batched (max_batch_size 32)", 32, ({}, {})),
-                                           ("batched, previous decoding path", 32, previous),
-                                           ("unbatched (max_batch_size 1)", 1, ({}, {}))):
+            for mode, label, mbs, (dec, mod), threads in MODES(args.cpu_threads):
+                if mode not in args.modes.split(","):
+                    continue
                 serve.run(build_app({**base, "max_batch_size": mbs, "batch_wait_timeout_s": 0.01,
+                                     "cpu_threads": threads,
                                      "model": {**base.get("model", {}), **mod},
                                      "decoding": {"max_new_tokens": args.max_new_tokens, **dec}}),
                           name="bench", route_prefix="/")
                 url = f"http://127.0.0.1:{PORT}/extract"
                 load_level(url, texts, 4, 8, args.max_new_tokens)  # warm-up
-                results[label] = {c: load_level(url, texts, c, max(n, c), args.max_new_tokens) for c in levels}
+                results[mode, label] = {c: load_level(url, texts, c, max(n, c), args.max_new_tokens) for c in levels}
                 serve.delete("bench")
         finally:
             serve.shutdown()
             ray.shutdown()
-    print(f"\nPOST /extract, {n} requests per level, max_new_tokens {args.max_new_tokens}, one CPU replica, "
+    print(f"\nPOST /extract, {n} requests per level, max_new_tokens {args.max_new_tokens}, one CPU replica on {args.cpu_threads or 1} threads, "
           f"{'adapter ' + Path(adapter).name if adapter else 'untrained tiny model'}\n")
     print("| mode | concurrency | requests/s | p50 ms | p99 ms | non-200 |")
     print("|---|---:|---:|---:|---:|---:|")
-    for label, by_c in results.items():
+    for (_, label), by_c in results.items():
         for c, m in by_c.items():
             print(f"| {label} | {c} | {m['rps']:.1f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['errors']} |")
-    b = results["batched (max_batch_size 32)"][32]
-    u = results["unbatched (max_batch_size 1)"][32]
-    p = results["batched, previous decoding path"][32]
-    print(f"\nat concurrency 32: batched / unbatched requests/s = {b['rps'] / u['rps']:.1f}x; "
-          f"batched p99 / p50 = {b['p99'] / b['p50']:.2f}; defaults / previous decoding path requests/s = "
-          f"{b['rps'] / p['rps']:.2f}x, p99 {b['p99'] / 1000:.1f} s vs {p['p99'] / 1000:.1f} s")
+    at32 = {mode: by_c[32] for (mode, _), by_c in results.items()}
+    b = at32.get("batched")
+    if b is None:
+        return 0
+    line = [f"batched p99 / p50 = {b['p99'] / b['p50']:.2f}"]
+    for mode, what in (("unbatched", "batched / unbatched"), ("previous", "defaults / previous decoding path"),
+                       ("one-thread", f"{args.cpu_threads} threads / 1 thread")):
+        if mode in at32:
+            o = at32[mode]
+            line.append(f"{what} requests/s = {b['rps'] / o['rps']:.2f}x (p99 {b['p99'] / 1000:.1f} s vs "
+                        f"{o['p99'] / 1000:.1f} s)")
+    print("\nat concurrency 32: " + "; ".join(line))
     return 0
 
 

@@ -33,9 +33,12 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01  # @serve.batch: how long a batch waits to fill
     long_text: Literal["reject", "truncate"] = "reject"  # over-context text: 413, or cut and flag input_truncated
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the replica runs the model
+    cpu_threads: int = 0  # torch threads of a Model replica on CPU (0 = Ray's default: the replica's num_cpus, floored)
     api_keys_file: str = ""  # file with one API key per line; keys also come from $JSONEXTRACT_API_KEYS (comma-separated); none = open
     limits: LimitsConfig = field(default_factory=LimitsConfig)  # request limits
 
     def __post_init__(self) -> None:
         if self.max_batch_size <= 0 or self.max_adapters_per_replica <= 0:
             raise ConfigError("max_batch_size and max_adapters_per_replica must be > 0")
+        if self.cpu_threads < 0:
+            raise ConfigError(f"cpu_threads must be >= 0, got {self.cpu_threads}")

@@ -21,7 +21,8 @@ def app(ray_session, tiny_model, snips_schema):
 
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app({"model": {"name": str(tiny_model), "max_length": 256}, "schema": str(SNIPS / "schema.json"),
-                         "decoding": {"max_new_tokens": 40}, "max_batch_size": 16, "limits": {"max_new_tokens": 128}}),
+                         "decoding": {"max_new_tokens": 40}, "max_batch_size": 16, "limits": {"max_new_tokens": 128},
+                         "cpu_threads": 2}),
               name="jsonextract", route_prefix="/")
     yield URL
     serve.shutdown()
@@ -105,7 +106,10 @@ def test_openai_client_structured_output(app):
 
 def test_health_schema_and_openapi(app):
     assert requests.get(f"{URL}/healthz", timeout=30).json() == {"status": "ok"}
-    assert requests.get(f"{URL}/schema", timeout=30).json()["schema"]["properties"]["intent"]
+    info = requests.get(f"{URL}/schema", timeout=30).json()
+    assert info["schema"]["properties"]["intent"]
+    # The Model replica reserves 1 CPU, so Ray would give it one torch thread; cpu_threads: 2 gives it two.
+    assert info["replica"] == {"device": "cpu", "cpu_threads": 2}
     spec = requests.get(f"{URL}/openapi.json", timeout=30).json()
     assert {"/extract", "/extract/batch", "/v1/chat/completions", "/healthz", "/schema"} <= set(spec["paths"])
     assert requests.get(f"{URL}/docs", timeout=30).status_code == 200
@@ -211,5 +215,7 @@ def test_overload_gets_a_fast_503_with_retry_after(app, tiny_model):
                 assert r.headers["retry-after"] == "1" and "overloaded" in r.text
                 assert r.elapsed.total_seconds() < 5
         assert one(99).status_code == 200  # once the burst is over, requests are served again
+        # Without cpu_threads a replica that reserves 1 CPU decodes on one thread (Ray's OMP_NUM_THREADS).
+        assert requests.get(f"{URL}/tight/schema", timeout=30).json()["replica"]["cpu_threads"] == 1
     finally:
         serve.delete("tight")
