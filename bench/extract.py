@@ -4,8 +4,11 @@ run, on each data set given (SNIPS and Restaurant-8k test by default, with the m
 - in one process, batch 32: `model.generate()` with grammar masks over the NF4 base + LoRA (the previous
   decoding path, `decoding.engine=generate model.inference_weights=nf4`), then the decoding loop step by step,
   + jump-forward, + the shared prompt prefix, + dequantised weights with the adapter merged (the defaults), the
-  defaults unconstrained, and the dequantised weights step by step;
-- the Ray Data job (rayjobs/extract.py, 2 actors) on the previous path against the defaults.
+  defaults unconstrained, the dequantised weights step by step, the defaults with the whole prompt in one
+  left-padded pass instead of length groups, and the defaults at the batch job's batch size (128), with and
+  without length groups;
+- the Ray Data job (rayjobs/extract.py, configs/extract/cpu.yaml, 2 actors) on the previous path (as the job was
+  configured before: generate(), NF4, batch 32) against the defaults (batch 128).
 
     .venv/bin/python bench/extract.py [--sets snips=artifacts/adapters/snips,restaurant8k=artifacts/adapters/restaurant8k]
                                       [--records 96] [--job-records 400] [--ablations]
@@ -13,12 +16,14 @@ run, on each data set given (SNIPS and Restaurant-8k test by default, with the m
 
 Per variant: rows/s, output tokens/s, forward passes, share of output tokens that jump-forward emitted without a
 pass of their own, rows whose output is identical to the previous path's, field F1. A roofline line compares
-each variant's matmul work per second with this machine's measured matmul throughput. The last line is
+the positions computed per second with a probe: a pass through random matrices of the model's shapes, at 1 and
+32 rows, on this machine. The last line is
 `speedup: job rows/s vs step-by-step decoding on the same base = X.XXx; field F1 delta = +/-Y.YY`.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STEP = {"jump_forward": False, "prefix_cache": False}  # the decoding loop, one forward pass per token
+JOB_BATCH = 128  # configs/extract/cpu.yaml decoding.batch_size
+PREVIOUS_JOB = ["model.inference_weights=nf4", "decoding.engine=generate",  # as the job was configured before
+                "decoding.batch_size=32", "pool.batch_rows=64", "pool.max_batch_tokens=4096"]
+DEFAULTS = {"engine": "loop", "jump_forward": True, "prefix_cache": True, "constrained": True, "batch_size": 32}
 REFERENCE = {"engine": "generate"}  # transformers' generate() with grammar masks: the previous decoding path
 BASELINE = "generate(), step by step, NF4 base + LoRA (previous path)"
 
@@ -60,7 +69,7 @@ def run_variant(ex, texts, targets, **decoding) -> dict:
     ex.weights_changed()
     ex.stats = DecodeStats()
     t0 = time.perf_counter()
-    res = extract_in_batches(ex, texts, 32)
+    res = extract_in_batches(ex, texts, ex.cfg.batch_size)
     s = time.perf_counter() - t0
     st = ex.stats.as_dict()
     tokens = sum(r.output_tokens for r in res)
@@ -86,16 +95,26 @@ def ray_job(model: str, adapter: str | None, schema_file: Path, inp: Path, out: 
             "f1": m["f1"], "valid": s["valid"] / s["rows_written"]}
 
 
-def matmul_gflops(rows: int, d_in: int, d_out: int, reps: int = 20) -> float:
-    """This machine's fp32 matmul throughput at the shape of one decode step's MLP (rows = batch)."""
+def pass_probe(model_dir: str, rows: int, reps: int = 5) -> float:
+    """Seconds of one pass of `rows` rows through matrices of the model's shapes (random fp32: every Linear of every
+    layer, then the output projection; no attention, norms or Python): what the hardware needs for the matmuls of
+    a pass, the weights read once. The best of `reps` passes."""
     import torch
 
-    a, w = torch.randn(rows, d_in), torch.randn(d_in, d_out)
-    a @ w
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ w
-    return 2 * rows * d_in * d_out * reps / (time.perf_counter() - t0) / 1e9
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * L + [(h, v)]
+    weights = [torch.randn(a, b) for a, b in shapes]  # distinct tensors: the pass reads them all from memory
+    x = {d: torch.randn(rows, d) for d in {a for a, _ in shapes}}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for w in weights:
+                x[w.shape[0]] @ w
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def torch_threads() -> int:
@@ -114,6 +133,18 @@ def matmul_params(model_dir: str) -> int:
 # ---------------------------------------------------------------------------------------------- one data set
 
 
+@contextlib.contextmanager
+def one_prompt_pass():
+    """The decoding loop as it was before prompts were computed in length groups: one left-padded pass."""
+    from jsonextract import generation
+    groups = generation.length_groups
+    generation.length_groups = lambda lengths, overhead: [list(range(len(lengths)))]
+    try:
+        yield
+    finally:
+        generation.length_groups = groups
+
+
 def spread(lines: list[str], n: int) -> list[str]:
     return lines[::max(len(lines) // n, 1)][:n]
 
@@ -126,6 +157,7 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     texts, targets = [r["text"] for r in recs], [r.get("target") for r in recs]
     schema = data / "schema.json"
     rows: dict[str, dict] = {}
+    probe = pass_probe(model, 1), pass_probe(model, 32)  # before anything else runs
     ex = extractor(model, adapter, schema, "nf4", max_new)
     ex.extract(texts[:2])  # warm-up: grammar compilation, first-call allocations
     rows[BASELINE] = run_variant(ex, texts, targets, **REFERENCE)
@@ -135,13 +167,20 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     del ex
     ex = extractor(model, adapter, schema, "dequantized", max_new)
     ex.extract(texts[:2])
-    rows["+ dequantized weights, adapter merged (defaults)"] = run_variant(ex, texts, targets)
+    rows["+ dequantized weights, adapter merged (defaults)"] = run_variant(ex, texts, targets, **DEFAULTS)
     rows["defaults, unconstrained"] = run_variant(ex, texts, targets, constrained=False)
     rows["dequantized weights, step by step"] = run_variant(ex, texts, targets, constrained=True, **STEP)
+    with one_prompt_pass():
+        rows["defaults without prompt length groups (one prompt pass)"] = run_variant(ex, texts, targets, **DEFAULTS)
+    rows[f"defaults, batch {JOB_BATCH} (the job's)"] = run_variant(ex, texts, targets,
+                                                                  **{**DEFAULTS, "batch_size": JOB_BATCH})
+    with one_prompt_pass():
+        rows[f"defaults, batch {JOB_BATCH}, one prompt pass"] = run_variant(
+            ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     if ablations:  # the two choices of the jump-forward design, each undone alone
         ex._cost.overhead_positions = lambda: 1e9  # every row padded to the longest draft
         rows["ablation: defaults, every pass as wide as the longest draft"] = run_variant(ex, texts, targets,
-                                                                                         jump_forward=True)
+                                                                                         **DEFAULTS)
         ex._drafter = lambda m: m.find_jump_forward_tokens()
         rows["ablation: that, drafts of xgrammar's longest-token match"] = run_variant(ex, texts, targets)
     del ex
@@ -149,11 +188,10 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     if job_rows:
         inp = tmp / f"{name}.jsonl"
         inp.write_text("\n".join(spread(all_lines, job_rows)) + "\n")
-        jobs["Ray Data job, generate() step by step, NF4 (previous path)"] = ray_job(
-            model, adapter, schema, inp, tmp / f"{name}-step", max_new,
-            ["model.inference_weights=nf4", "decoding.engine=generate"])
+        jobs["Ray Data job, generate() step by step, NF4, batch 32 (previous path)"] = ray_job(
+            model, adapter, schema, inp, tmp / f"{name}-step", max_new, PREVIOUS_JOB)
         jobs["Ray Data job, defaults"] = ray_job(model, adapter, schema, inp, tmp / f"{name}-fast", max_new, [])
-    return {"n": len(texts), "rows": rows, "jobs": jobs, "adapter": adapter, "job_rows": min(job_rows, len(all_lines))}
+    return {"n": len(texts), "rows": rows, "jobs": jobs, "probe": probe, "adapter": adapter, "job_rows": min(job_rows, len(all_lines))}
 
 
 def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
@@ -161,22 +199,22 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
     step = rows["decoding loop, step by step, NF4"]
     base = rows[BASELINE]
     flops_per_token = 2 * matmul_params(model)
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    peak = matmul_gflops(32, cfg["hidden_size"], cfg["intermediate_size"])
+    one, full = r["probe"]
+    peak = flops_per_token * 32 / full / 1e9
     print(f"\n{name}: {r['n']} test records, {'adapter ' + Path(r['adapter']).name if r['adapter'] else 'untrained model'}"
-          f", batch 32, one process (2 threads)\n")
+          f", batch 32 unless the row says otherwise, one process ({torch_threads()} threads)\n")
     print("| variant | rows/s | vs previous path | output tokens/s | forward passes | output tokens without a pass "
-          "of their own | positions computed (padding) | matmul GFLOP/s (of probe) | output identical to previous "
+          "of their own | positions computed (padding) | matmul GFLOP/s (of the 32-row probe) | output identical to previous "
           "path | field F1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for label, m in rows.items():
+    for label, m in rows.items():  # GFLOP/s: the matmul work of the positions computed per second
         same = sum(a == b for a, b in zip(m["raw"], base["raw"]))
         gflops = m["fed"] * flops_per_token / m["seconds"] / 1e9
         print(f"| {label} | {m['rows_per_s']:.2f} | {m['rows_per_s'] / base['rows_per_s']:.2f}x | "
               f"{m['tokens_per_s']:.0f} | {m['passes']} | {m['forced']:.0%} | {m['fed']} ({m['padding'] / m['fed']:.0%}) | "
               f"{gflops:.1f} ({gflops / peak:.0%}) | {same}/{r['n']} | {100 * m['f1']:.1f} |")
     if jobs:
-        print(f"\nThe Ray Data job (2 actors of half a CPU, batch 32, start-up included), {r['job_rows']} records:\n")
+        print(f"\nThe Ray Data job (2 actors of half a CPU, start-up included), {r['job_rows']} records:\n")
         print("| job | rows/s | vs previous path | output tokens/s | seconds | field F1 |")
         print("|---|---:|---:|---:|---:|---:|")
         first = next(iter(jobs.values()))
@@ -184,18 +222,19 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
             print(f"| {label} | {m['rows_per_s']:.2f} | {m['rows_per_s'] / first['rows_per_s']:.2f}x | "
                   f"{m['tokens_per_s']:.0f} | {m['seconds']:.0f} | {100 * m['f1']:.1f} |")
     d, u = rows["+ dequantized weights, adapter merged (defaults)"], rows["defaults, unconstrained"]
-    d_fed = d["fed"] / d["seconds"]
+    big = rows[f"defaults, batch {JOB_BATCH} (the job's)"]
     print(f"\nroofline: {flops_per_token / 1e9:.3f} GFLOP of matmul per position computed (2 x "
-          f"{matmul_params(model) / 1e6:.1f}M weights, lm_head included); this machine's fp32 matmul probe (batch-32 "
-          f"MLP shape, {torch_threads()} threads) {peak:.1f} GFLOP/s = at most {peak * 1e9 / flops_per_token:.0f} "
-          f"positions/s; the defaults computed {d_fed:.0f} positions/s ({d['fed'] / max(d['tokens'], 1):.2f} per "
-          f"output token) = {d['tokens_per_s']:.0f} output tokens/s, {d_fed * flops_per_token / 1e9 / peak:.0%} of "
-          f"the probe")
+          f"{matmul_params(model) / 1e6:.1f}M weights, lm_head included). The probe (the model's matrices, random "
+          f"fp32, {torch_threads()} threads) took {one * 1000:.0f} ms for a pass of 1 row and {full * 1000:.0f} ms "
+          f"for 32 rows: at most {32 / full:.0f} positions/s in 32-row passes ({peak:.1f} GFLOP/s). The defaults "
+          f"computed {d['fed'] / d['seconds']:.0f} positions/s at batch 32 ({d['fed'] / max(d['tokens'], 1):.2f} per "
+          f"output token, {d['tokens_per_s']:.0f} output tokens/s) and {big['fed'] / big['seconds']:.0f} at batch "
+          f"{JOB_BATCH} ({big['tokens_per_s']:.0f} output tokens/s)")
     print(f"forward passes: step by step {step['passes']} -> jump-forward "
           f"{rows['+ jump-forward']['passes']} ({1 - rows['+ jump-forward']['passes'] / step['passes']:.0%} fewer)")
     print(f"constrained / unconstrained output tokens/s (defaults): {d['tokens_per_s'] / u['tokens_per_s']:.2f}")
     if jobs:
-        js, jf = jobs["Ray Data job, generate() step by step, NF4 (previous path)"], jobs["Ray Data job, defaults"]
+        js, jf = jobs["Ray Data job, generate() step by step, NF4, batch 32 (previous path)"], jobs["Ray Data job, defaults"]
         return (js["seconds"], jf["seconds"]), 100 * (jf["f1"] - js["f1"])
     return None, 100 * (d["f1"] - base["f1"])
 

@@ -19,6 +19,10 @@ generate's left padding; tests compare them token for token):
   after them, left-padded, the padding being masked holes in the middle. Position ids count only real tokens,
   so every row sees positions 0..n-1 as in an unpadded run.
 - Rows that finish leave the batch (their cache rows are dropped), so a long tail decodes at a small batch.
+- Prompts in length groups: one left-padded prompt pass computes every row at the longest row's length (on
+  SNIPS 39% and on Restaurant-8k 62% of that pass was padding). Rows are sorted by length and split where the
+  padding saved is worth a pass's overhead (`PassCost`); each group's cache is then widened with holes to a
+  common length and all rows decode together.
 """
 from __future__ import annotations
 
@@ -196,25 +200,36 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
     cost = cost or PassCost.for_device(device)
     gen = Generated([r.tokens for r in rows], [r.logprobs for r in rows])
 
-    # Prompt: the shared prefix from the cache, then each row's rest, left-padded (padding = holes).
+    # Prompt: the shared prefix from the cache, then each row's rest, left-padded (padding = holes), by groups
+    # of similar length; `alive` lists the rows in group order (the batch slots' order from here on).
     misses = prefix.misses if prefix is not None else 0
     P = prefix.for_batch(model, prompts, device) if prefix is not None else 0
-    cache = prefix.expand(B) if P else DynamicCache()
     S = max(len(p) for p in prompts) - P
-    x = torch.full((B, S), pad_id, dtype=torch.long)
-    m = torch.zeros((B, S), dtype=torch.long)
-    for j, p in enumerate(prompts):
-        x[j, S - len(p) + P:] = torch.tensor(p[P:])
-        m[j, S - len(p) + P:] = 1
-    attn = torch.cat([torch.ones((B, P), dtype=torch.long), m], dim=1)
-    pos = (P + m.cumsum(1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        logits = model(input_ids=x.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                       cache=cache, use_cache=True, logits_to_keep=1).logits.float().cpu()
-    gen.forward_passes += 1
-    gen.fed += B * S + (P if prefix is not None and prefix.misses > misses else 0)
-    gen.padding += int((m == 0).sum())
-    alive = list(range(B))  # row index of each batch slot
+    groups = length_groups([len(p) - P for p in prompts], cost.overhead_positions())
+    parts = []
+    for g in groups:
+        Sg = max(len(prompts[j]) for j in g) - P
+        x = torch.full((len(g), Sg), pad_id, dtype=torch.long)
+        m = torch.zeros((len(g), S), dtype=torch.long)  # the group's own padding, plus holes up to S
+        for s, j in enumerate(g):
+            x[s, Sg - len(prompts[j]) + P:] = torch.tensor(prompts[j][P:])
+            m[s, S - len(prompts[j]) + P:] = 1
+        attn = torch.cat([torch.ones((len(g), P), dtype=torch.long), m], dim=1)
+        own = torch.cat([attn[:, :P], m[:, S - Sg:]], dim=1)  # the group's pass: no holes beyond its own padding
+        pos = (P + m[:, S - Sg:].cumsum(1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            out = model(input_ids=x.to(device), attention_mask=own.to(device),
+                        position_ids=pos.to(device), cache=prefix.expand(len(g)) if P else DynamicCache(),
+                        use_cache=True, logits_to_keep=1)
+        parts.append((out.logits.float().cpu(), out.cache, attn, Sg))
+        gen.forward_passes += 1
+        gen.fed += len(g) * Sg
+        gen.padding += len(g) * Sg - int(m.sum())
+    gen.fed += P if prefix is not None and prefix.misses > misses else 0
+    alive = [j for g in groups for j in g]  # row index of each batch slot
+    logits = torch.cat([lg for lg, *_ in parts])
+    attn = torch.cat([a for *_, a, _ in parts])
+    cache = _join_caches([(c, S - Sg) for _, c, _, Sg in parts], P) if len(parts) > 1 else parts[0][1]
     for r in rows:
         r.masks = _masks(r.matcher, [], vocab_size)[1] if grammars is not None else None
 
@@ -289,6 +304,43 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
         gen.fed += len(alive) * T
         gen.padding += int((m == 0).sum())
     return gen
+
+
+def length_groups(lengths: list[int], overhead: float) -> list[list[int]]:
+    """Rows (indices into `lengths`) sorted by length and cut into contiguous groups minimising the positions
+    computed, padding included, plus `overhead` positions per pass (an exact partition by dynamic programming)."""
+    order = sorted(range(len(lengths)), key=lambda j: lengths[j])
+    best = [0.0] + [float("inf")] * len(order)  # best[e]: cost of the first e rows
+    cut = [0] * (len(order) + 1)
+    for e in range(1, len(order) + 1):
+        for b in range(e):  # group order[b:e], padded to its longest row, lengths[order[e - 1]]
+            c = best[b] + overhead + (e - b) * lengths[order[e - 1]]
+            if c < best[e]:
+                best[e], cut[e] = c, b
+    groups, e = [], len(order)
+    while e:
+        groups.append(order[cut[e]:e])
+        e = cut[e]
+    return groups[::-1]
+
+
+def _join_caches(parts: list, prefix_len: int):
+    """One cache from per-group caches, each widened by `holes` masked positions after the shared prefix."""
+    import torch
+    from transformers import DynamicCache
+
+    def widen(t, holes):
+        if not holes:
+            return t
+        gap = t.new_zeros(*t.shape[:2], holes, t.shape[3])
+        return torch.cat([t[:, :, :prefix_len], gap, t[:, :, prefix_len:]], dim=2)
+
+    cache = DynamicCache()
+    for i in range(len(parts[0][0].layers)):
+        keys = [widen(c.layers[i].keys, h) for c, h in parts]
+        values = [widen(c.layers[i].values, h) for c, h in parts]
+        cache.update(torch.cat(keys), torch.cat(values), i)
+    return cache
 
 
 def _masks(matcher, draft: list[int], vocab_size: int):

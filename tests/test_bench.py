@@ -26,7 +26,8 @@ def test_extract_bench_quick():
     out = run_bench("extract.py")
     assert "| generate(), step by step" in out and "| Ray Data job, defaults |" in out and "roofline:" in out
     assert "constrained / unconstrained" in out
-    for variant in ("+ jump-forward", "+ shared prefix", "+ dequantized weights, adapter merged (defaults)"):
+    for variant in ("+ jump-forward", "+ shared prefix", "+ dequantized weights, adapter merged (defaults)",
+                    "defaults without prompt length groups (one prompt pass)", "defaults, batch 128 (the job's)"):
         row = next(l for l in out.splitlines() if l.startswith(f"| {variant} |"))
         assert "| 16/16 |" in row, row  # the same outputs as step-by-step decoding
     assert re.search(r"^speedup: job rows/s vs step-by-step decoding on the same base = \d+\.\d\dx; "

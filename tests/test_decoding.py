@@ -118,6 +118,8 @@ def test_decoding_loop_matches_generate_token_for_token(extractor):
     with torch.inference_mode():
         ref = extractor.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, n:].tolist()
+    from jsonextract.generation import PassCost, length_groups
+    assert len(length_groups([len(p) for p in prompts], PassCost.for_device("cpu").prior)) > 1  # caches joined
     cache = PrefixCache()
     for prefix in (None, cache, cache):  # no prefix; prefix computed; prefix reused
         got = greedy_generate(extractor.model, prompts, max_new=20, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
@@ -126,6 +128,15 @@ def test_decoding_loop_matches_generate_token_for_token(extractor):
             r = r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r
             assert g == r
     assert cache.hits == 1 and len(cache.ids) > 0
+
+
+def test_prompt_length_groups_partition_the_rows():
+    from jsonextract.generation import length_groups
+    lengths = [5, 30, 6, 29, 5]
+    groups = length_groups(lengths, overhead=2.0)
+    assert sorted(j for g in groups for j in g) == [0, 1, 2, 3, 4]  # every row once
+    assert groups == [[0, 4, 2], [3, 1]]  # short rows apart from long ones: 3x6 + 2x30 + 2 passes' overhead
+    assert length_groups(lengths, overhead=1e4) == [[0, 4, 2, 3, 1]]  # a pass costs more than any padding
 
 
 def test_prefix_cache_is_dropped_when_weights_change(extractor):
