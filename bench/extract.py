@@ -101,10 +101,7 @@ def pass_probe(model_dir: str, rows: int, reps: int = 5) -> float:
     a pass, the weights read once. The best of `reps` passes."""
     import torch
 
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
-    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * L + [(h, v)]
+    shapes = matmul_shapes(model_dir)
     weights = [torch.randn(a, b) for a, b in shapes]  # distinct tensors: the pass reads them all from memory
     x = {d: torch.randn(rows, d) for d in {a for a, _ in shapes}}
     best = float("inf")
@@ -122,12 +119,17 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def matmul_params(model_dir: str) -> int:
-    """Weights a token passes through in matmuls: every Linear of the decoder plus the output projection."""
+def matmul_shapes(model_dir: str) -> list[tuple[int, int]]:
+    """(in, out) of every matrix a token passes through: each layer's q, k, v, o, gate, up, down, then lm_head."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
-    return L * (2 * h * h + 2 * h * kv + 3 * h * i) + h * v
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * L + [(h, v)]
+
+
+def matmul_params(model_dir: str) -> int:
+    """Weights a token passes through in matmuls: every Linear of the decoder plus the output projection."""
+    return sum(a * b for a, b in matmul_shapes(model_dir))
 
 
 # ---------------------------------------------------------------------------------------------- one data set

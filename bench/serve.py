@@ -43,7 +43,7 @@ def load_level(url: str, texts: list[str], concurrency: int, n: int, max_new: in
     return {"rps": n / wall, "p50": p(0.50), "p99": p(0.99), "errors": sum(1 for x in res if x[1] != 200)}
 
 
-def MODES(threads: int) -> list:
+def modes(threads: int) -> list:
     """(--modes name, label, max_batch_size, (decoding, model) overrides, cpu_threads)."""
     previous = {"engine": "generate"}, {"inference_weights": "nf4"}
     return [("batched", "batched (max_batch_size 32)", 32, ({}, {}), threads),
@@ -86,7 +86,7 @@ def main() -> int:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         try:
-            for mode, label, mbs, (dec, mod), threads in MODES(args.cpu_threads):
+            for mode, label, mbs, (dec, mod), threads in modes(args.cpu_threads):
                 if mode not in args.modes.split(","):
                     continue
                 serve.run(build_app({**base, "max_batch_size": mbs, "batch_wait_timeout_s": 0.01,
