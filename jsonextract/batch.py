@@ -7,6 +7,7 @@ import csv
 import fnmatch
 import io
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path, PurePosixPath
@@ -119,6 +120,13 @@ def parse_file(item: dict, cfg: ExtractConfig) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- the actor
+
+
+def balanced_batch_rows(n_rows: int, replicas: int, max_rows: int) -> int:
+    """Rows per batch, at most `max_rows`, such that `n_rows` split into whole rounds of one batch per replica:
+    200 rows on 2 replicas at most 128 a batch -> 100 (two equal batches, not 128 + 72)."""
+    rounds = math.ceil(n_rows / (replicas * max_rows))
+    return max(math.ceil(n_rows / (replicas * rounds)), 1)
 
 
 def merge_chunks(objs: list[dict]) -> dict:

@@ -12,12 +12,15 @@ class PoolConfig:
     num_actors: int = 2  # model replicas (one model copy each)
     cpus_per_actor: float = 0.5  # fractional on CPU: whole-CPU actors on a 2-CPU node starve the read tasks
     gpus_per_actor: float = 0.0  # GPUs per replica on a GPU cluster
-    batch_rows: int = 64  # rows handed to an actor per call
+    batch_rows: int = 64  # most rows handed to an actor per call (fewer where that evens out the last round)
     max_batch_tokens: int = 4096  # rows x padded prompt length per generate() call (long texts -> smaller batches)
+    # Ray Data's default (4) queues batches on whichever replica is ready first: with batches that take a minute, a
+    # second replica still loading its model then idles while the first works through the queue.
+    batches_in_flight: int = 1  # batches handed to one replica before it returns one (>1 prefetches, risks idle replicas)
 
     def __post_init__(self) -> None:
-        if self.num_actors <= 0 or self.batch_rows <= 0:
-            raise ConfigError("pool.num_actors and pool.batch_rows must be > 0")
+        if self.num_actors <= 0 or self.batch_rows <= 0 or self.batches_in_flight <= 0:
+            raise ConfigError("pool.num_actors, pool.batch_rows and pool.batches_in_flight must be > 0")
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from jsonextract import cli  # noqa: E402
 from jsonextract.errors import UserError  # noqa: E402
-from jsonextract.batch import (ExtractActor, parse_file, resolve_inputs,  # noqa: E402
-                               summarise)
+from jsonextract.batch import (ExtractActor, balanced_batch_rows, parse_file,  # noqa: E402
+                               resolve_inputs, summarise)
 from jsonextract.extract_config import ExtractConfig  # noqa: E402
 from jsonextract.io import quarantine_unreadable, read_results, result_files, write_json  # noqa: E402
 from jsonextract.metrics import format_table, score_results  # noqa: E402
@@ -46,33 +46,40 @@ def already_done(cfg: ExtractConfig) -> set[str]:
     return {r["id"] for r in read_results(cfg.output, ["id"], files=result_files(cfg.output))}
 
 
-def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs, done_ref, skipped):
-    """The streaming pipeline; `skipped` (a SkipCounter) counts the input rows dropped as already done, so the
-    input is read once: rows in = rows written + rows skipped."""
+def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs, done: set[str], skipped):
+    """The streaming pipeline; `skipped` (a SkipCounter) counts the input rows dropped as already done while they
+    stream past, so rows in = rows written + rows skipped."""
     import ray
     import ray.data
 
+    done_ref = ray.put(done)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     ds = ds.flat_map(parse_file, fn_kwargs={"cfg": cfg})
     if cfg.limit:
         ds = ds.limit(cfg.limit)
 
     def not_done(batch):
-        done = ray.get(done_ref)
-        if not done:
+        ids = ray.get(done_ref)
+        if not ids:
             return batch
-        kept = batch[~batch["id"].isin(done)]
+        kept = batch[~batch["id"].isin(ids)]
         if len(kept) < len(batch):
             ray.get(skipped.add.remote(len(batch) - len(kept)))  # waited for: counted before the job ends
         return kept
 
+    # Counting reads the input once more (parsing is cheap next to decoding): with the count, the last round of
+    # batches gives every replica the same share instead of one full batch to one replica while the others idle.
+    n_rows = max(ds.count() - len(done), 1)
+    batch_rows = balanced_batch_rows(n_rows, cfg.pool.num_actors, cfg.pool.batch_rows)
+    print(f"[extract] about {n_rows} rows to extract, in batches of {batch_rows} on {cfg.pool.num_actors} replica(s)")
     ds = ds.map_batches(not_done, batch_format="pandas")
     # One file parses into one block, which one actor would take whole: cut the stream into actor-sized blocks
     # (a streaming repartition, no all-to-all barrier) so every replica gets work.
-    ds = ds.repartition(target_num_rows_per_block=cfg.pool.batch_rows)
+    ds = ds.repartition(target_num_rows_per_block=batch_rows)
     ds = ds.map_batches(ExtractActor, fn_constructor_kwargs={"cfg": cfg, "schema": schema},
-                        batch_size=cfg.pool.batch_rows, batch_format="pandas",
-                        compute=ray.data.ActorPoolStrategy(size=cfg.pool.num_actors),
+                        batch_size=batch_rows, batch_format="pandas",
+                        compute=ray.data.ActorPoolStrategy(
+                            size=cfg.pool.num_actors, max_tasks_in_flight_per_actor=cfg.pool.batches_in_flight),
                         num_cpus=cfg.pool.cpus_per_actor, num_gpus=cfg.pool.gpus_per_actor or None)
     return ds
 
@@ -124,7 +131,7 @@ def main() -> int:
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
     before = set(result_files(cfg.output))
     skipped = skip_counter()
-    ds = build_pipeline(cfg, schema, paths, fs, ray.put(done), skipped)
+    ds = build_pipeline(cfg, schema, paths, fs, done, skipped)
     t0 = time.time()
     write(ds, cfg)
     seconds = time.time() - t0

@@ -4,7 +4,9 @@ import pytest
 
 from jsonextract.errors import UserError
 
-from jsonextract.batch import merge_chunks, parse_file, resolve_inputs
+import math
+
+from jsonextract.batch import balanced_batch_rows, merge_chunks, parse_file, resolve_inputs
 from jsonextract.extract_config import ExtractConfig
 
 
@@ -36,6 +38,18 @@ def test_parse_csv_rows_get_stable_ids_and_errors():
     rows = list(parse_file({"path": "/d/x.csv", "bytes": b"doc,text\n,hello\nk2,\n"}, cfg))
     assert rows[0]["id"] == "x.csv:0" and rows[0]["text"] == "hello" and rows[0]["error"] is None
     assert rows[1]["id"] == "k2" and "empty" in rows[1]["error"]
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3, 8])
+@pytest.mark.parametrize("max_rows", [1, 7, 128])
+def test_balanced_batches_keep_the_rounds_and_even_out_the_last(replicas, max_rows):
+    for n in range(1, 600):
+        b = balanced_batch_rows(n, replicas, max_rows)
+        rounds = math.ceil(n / (replicas * max_rows))  # what full batches of max_rows need
+        assert 1 <= b <= max_rows
+        assert math.ceil(n / b) <= rounds * replicas  # no extra round
+        assert b * rounds * replicas - n < rounds * replicas  # one row fewer per batch would not fit
+    assert balanced_batch_rows(200, 2, 128) == 100 and balanced_batch_rows(400, 2, 128) == 100
 
 
 def test_merge_chunks_first_value_wins_lists_union():

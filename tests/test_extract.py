@@ -61,8 +61,10 @@ def r8k_input(tmp_path_factory) -> Path:
     return p
 
 
-def test_every_row_out_exactly_once_with_error_rows(ray_session, tiny_model, r8k_input, tmp_path):
+def test_every_row_out_exactly_once_with_error_rows(ray_session, tiny_model, r8k_input, tmp_path, capsys):
     rows = run(base_overrides(tiny_model, tmp_path / "out", input=r8k_input))
+    # 210 rows, at most 32 a batch, 2 replicas: 8 batches of 27 (4 each), not 6 x 32 + 18 (4 batches for one, 3 for the other)
+    assert "about 210 rows to extract, in batches of 27 on 2 replica(s)" in capsys.readouterr().out
     assert len(rows) == 210 and len({r["id"] for r in rows}) == 210
     gold_ids = {json.loads(l)["id"] for l in (R8K / "test.jsonl").read_text().splitlines()[:200]}
     assert gold_ids <= {r["id"] for r in rows}
