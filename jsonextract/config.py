@@ -96,6 +96,9 @@ class TinyModelConfig:
 # ---------------------------------------------------------------------------------------------- loading
 
 
+YAML_TRUE, YAML_FALSE = ("true", "on", "yes"), ("false", "off", "no")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -110,6 +113,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise bad
         return build(tp, value, source=source, prefix=key + ".")
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML reads off/on/no/yes as booleans: `grounding=off` means the option spelled "off"
+            words = [a for a in args if str(a).lower() in (YAML_TRUE if value else YAML_FALSE)]
+            value = words[0] if len(words) == 1 else value
         if value not in args:
             raise ConfigError(f"{source}: key '{key}' must be one of {list(args)}, got {value!r}")
         return value

@@ -40,6 +40,16 @@ def test_overrides_nested_and_typed():
         C.parse_overrides(["lora.r"])
 
 
+def test_off_unquoted_is_the_option_named_off(tmp_path):
+    # YAML reads a bare off as False; the Literal option spelled "off" is what the user meant
+    assert C.load(C.DecodingConfig, None, ["grounding=off"]).grounding == "off"
+    p = tmp_path / "c.yaml"
+    p.write_text("grounding: off\n")
+    assert C.load(C.DecodingConfig, p).grounding == "off"
+    with pytest.raises(C.ConfigError, match="grounding.*one of"):  # no option named like true/on/yes
+        C.load(C.DecodingConfig, None, ["grounding=on"])
+
+
 def test_post_init_checks():
     with pytest.raises(C.ConfigError, match="multiple of 64"):
         C.TinyModelConfig(hidden_size=100)
