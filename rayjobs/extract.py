@@ -121,10 +121,10 @@ def main() -> int:
     cfg = cli.parse(ExtractConfig)
     if not cfg.input or not cfg.output:
         raise UserError("extract needs input=PATH and output=PATH")
+    paths, fs = resolve_inputs(cfg.input)  # first: a mistyped input fails in a second, before any model work
     schema = job_schema(cfg)
     # The base model, checked (and the embedded default built) once here, not by every actor at once.
     check_model_name(read_manifest(cfg.adapter)["base_model"] if cfg.adapter else cfg.model.name)
-    paths, fs = resolve_inputs(cfg.input)
     done = already_done(cfg)
     print(f"[extract] {len(paths)} input file(s); {len(done)} ids already in {cfg.output}")
     if not ray.is_initialized():
