@@ -1,10 +1,9 @@
-"""Batch-job pieces that need no Ray: input resolution (paths, globs, URIs), per-file parsing, chunk merging."""
+"""Batch-job pieces that need no Ray: input resolution (paths, globs, URIs), per-file parsing, batch sizing, chunk merging."""
+import math
 
 import pytest
 
 from jsonextract.errors import UserError
-
-import math
 
 from jsonextract.batch import balanced_batch_rows, merge_chunks, parse_file, resolve_inputs
 from jsonextract.extract_config import ExtractConfig
