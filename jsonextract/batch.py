@@ -153,6 +153,9 @@ class ExtractActor:
     """One model copy per actor (map_batches on an actor pool). Never raises on a row: failures are error rows."""
 
     def __init__(self, cfg: ExtractConfig, schema: dict | None):
+        import time
+
+        t0 = time.perf_counter()
         if cfg.fail_actor_once and not os.path.exists(cfg.fail_actor_once):
             Path(cfg.fail_actor_once).write_text("died once")
             self._die = True
@@ -170,6 +173,7 @@ class ExtractActor:
         self.extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema), cfg.decoding,
                                    max_prompt_tokens=budget, truncate_input=cfg.long_text == "truncate")
         self.overhead = len(self.extractor.prompt.encode_prompt(self.tokenizer, "").ids)
+        print(f"[extract] replica ready: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def __call__(self, batch):
         import pandas as pd

@@ -1,0 +1,88 @@
+"""The merged-weights cache (model.merged_cache): the first load of an adapter writes the dequantised base with the
+adapter merged; later loads read exactly those values without building them; a changed adapter never reads a
+stale entry; a damaged entry is rebuilt; only KEEP entries stay."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from jsonextract import config as C
+from jsonextract import merged_weights, model as M
+
+
+def make_adapter(base: str, out, seed: int, quantization: str = "nf4") -> str:
+    """A LoRA adapter over `base` with random (non-zero) B matrices, so merging changes the weights."""
+    model = M.attach_lora(M.load_base(C.ModelConfig(name=base, quantization=quantization)), C.LoraSettings(r=4))
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
+    model.save_pretrained(out)
+    M.load_tokenizer(base).save_pretrained(out)
+    M.write_manifest(out, base_model=base, prompt=C.PromptConfig(), schema=None,
+                     config={"model": {"quantization": quantization}})
+    return str(out)
+
+
+def weights(lm) -> dict:
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+@pytest.fixture
+def cfg(tiny_model, tmp_path):
+    return C.ModelConfig(name=str(tiny_model), merged_cache=str(tmp_path / "cache"))
+
+
+def entries(cfg) -> list:
+    return sorted(p.name for p in merged_weights.Path(cfg.merged_cache).iterdir() if not p.name.startswith("."))
+
+
+def test_second_load_reads_the_entry_and_gets_the_same_weights(cfg, tiny_model, tmp_path, monkeypatch):
+    adapter = make_adapter(str(tiny_model), tmp_path / "a", seed=1)
+    in_memory = weights(M.load_for_inference(dataclasses.replace(cfg, merged_cache=""), adapter))
+    first = weights(M.load_for_inference(cfg, adapter))
+    assert len(entries(cfg)) == 1
+    base_only = M.load_inference_base(dataclasses.replace(cfg, quantization="nf4")).state_dict()
+    assert any(not torch.equal(base_only[k], first[k]) for k in first)  # the adapter really was merged
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a cache hit must not load the base or the adapter")
+    monkeypatch.setattr(M, "load_inference_base", must_not_run)
+    monkeypatch.setattr(M, "attach_adapter", must_not_run)
+    second = weights(M.load_for_inference(cfg, adapter))
+    assert first.keys() == second.keys() == in_memory.keys()
+    assert all(torch.equal(first[k], second[k]) and torch.equal(first[k], in_memory[k]) for k in first)
+
+
+def test_changed_adapter_gets_its_own_entry_and_old_ones_are_pruned(cfg, tiny_model, tmp_path):
+    adapters = [make_adapter(str(tiny_model), tmp_path / f"a{i}", seed=i) for i in range(merged_weights.KEEP + 1)]
+    loaded = [weights(M.load_for_inference(cfg, a)) for a in adapters]
+    assert len(entries(cfg)) == merged_weights.KEEP  # the least recently used one went
+    k = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(loaded[0][k], loaded[1][k])
+    # retrained in place (same folder, new weights): a new key, never the stale entry
+    make_adapter(str(tiny_model), tmp_path / "a1", seed=99)
+    again = weights(M.load_for_inference(cfg, adapters[1]))
+    assert not torch.equal(again[k], loaded[1][k])
+    in_memory = weights(M.load_for_inference(dataclasses.replace(cfg, merged_cache=""), adapters[1]))
+    assert torch.equal(again[k], in_memory[k])
+
+
+def test_damaged_entry_is_rebuilt(cfg, tiny_model, tmp_path, capsys):
+    adapter = make_adapter(str(tiny_model), tmp_path / "a", seed=3)
+    first = weights(M.load_for_inference(cfg, adapter))
+    entry = merged_weights.Path(cfg.merged_cache) / entries(cfg)[0]
+    (entry / "model.safetensors").write_bytes(b"not a safetensors file")
+    again = weights(M.load_for_inference(cfg, adapter))
+    assert "unreadable" in capsys.readouterr().out
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert json.loads((entry / merged_weights.INFO).read_text())["base"] == str(tiny_model)
+
+
+@pytest.mark.parametrize("change, merge", [({"inference_weights": "nf4"}, True), ({"merged_cache": ""}, True),
+                                           ({}, False)])
+def test_unmerged_or_disabled_loads_write_nothing(cfg, tiny_model, tmp_path, change, merge):
+    adapter = make_adapter(str(tiny_model), tmp_path / "a", seed=4)
+    M.load_for_inference(dataclasses.replace(cfg, **change), adapter, merge=merge)
+    assert not merged_weights.Path(cfg.merged_cache).exists()
