@@ -250,8 +250,8 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
     print(f"constrained / unconstrained output tokens/s (defaults): {d['tokens_per_s'] / u['tokens_per_s']:.2f}")
     if jobs:
         js, jf = jobs[PREVIOUS_JOB_LABEL], jobs[DEFAULTS_JOB]
-        first = jobs.get(FIRST_LOAD, jf)
-        return (js["seconds"], jf["seconds"], first["seconds"]), 100 * (jf["f1"] - js["f1"])
+        first = jobs[FIRST_LOAD]["seconds"] if FIRST_LOAD in jobs else None
+        return (js["seconds"], jf["seconds"], first), 100 * (jf["f1"] - js["f1"])
     return None, 100 * (d["f1"] - base["f1"])
 
 
@@ -297,7 +297,7 @@ def main() -> int:
             deltas.append(dl)
     # Over all data sets: the same rows in both jobs, so the rows/s ratio is the ratio of total job seconds.
     sp_txt = f"{sum(t[0] for t in times) / sum(t[1] for t in times):.2f}x" if times else "n/a (--no-job)"
-    if times:
+    if times and all(t[2] for t in times):
         print(f"\nfirst job on an empty merged-weights cache: {sum(t[0] for t in times) / sum(t[2] for t in times):.2f}x "
               "the previous path's rows/s")
     worst = max(deltas, key=abs)

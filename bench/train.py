@@ -145,7 +145,8 @@ def main() -> int:
         rows["Ray Train job, 1 worker (2 CPUs, unsharded)"] = job(ov, 1, batch, tmp)
         rows[two_workers] = job(ov, 2, batch, tmp)
         # Activations are most of a worker's memory (measured: 1.1 GB after loading, 5.6 GB peak in the step).
-        rows["same + activation checkpointing"] = job(ov + ["parallel.activation_checkpointing=true"], 2, batch, tmp, "-ckpt")
+        ckpt = ["parallel.activation_checkpointing=true"]
+        rows["same + activation checkpointing"] = job(ov + ckpt, 2, batch, tmp, "-ckpt")
     from jsonextract.training import cpu_has_native_bf16
     base = rows[PLAIN[0][0]]["tokens_per_s"]
     print(f"\nQLoRA (NF4, LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per step, "

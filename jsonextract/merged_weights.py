@@ -9,11 +9,13 @@ depend on, so a retrained adapter, another base or another library version never
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -90,12 +92,9 @@ class MergedCache:
         """The cached merged model in eval mode, or None (no entry yet, or a damaged one: removed, to be rebuilt)."""
         if not (self.entry / INFO).is_file():
             return None
-        from transformers import AutoModelForCausalLM
-
-        from .model import torch_dtype
-        try:
-            model = AutoModelForCausalLM.from_pretrained(self.entry, dtype=torch_dtype(self.cfg.dtype),
-                                                         trust_remote_code=self.cfg.trust_remote_code)
+        from .model import load_base
+        try:  # the entry is a plain model folder: loaded as a base with nothing to quantise
+            model = load_base(dataclasses.replace(self.cfg, name=str(self.entry), quantization="none"), device)
         except Exception as e:  # a damaged entry costs one rebuild, never the load
             print(f"[model] merged weights in {self.entry} unreadable ({type(e).__name__}: {e}); rebuilding",
                   flush=True)
@@ -103,7 +102,7 @@ class MergedCache:
             return None
         os.utime(self.entry)  # most recently used: kept when older entries are pruned
         print(f"[model] merged weights read from {self.entry} (model.merged_cache)", flush=True)
-        return model.to(device).eval()
+        return model.eval()
 
     def save(self, model) -> None:
         """Write the entry (to a temporary folder, then one rename: a reader never sees half an entry; replicas
@@ -132,8 +131,6 @@ class MergedCache:
 
     def prune(self) -> None:
         """Keep the KEEP most recently used entries; leftovers of builds killed midway go after an hour."""
-        import time
-
         try:  # other processes may add or remove entries meanwhile
             entries = sorted((p for p in self.root.iterdir() if (p / INFO).is_file()),
                              key=lambda p: p.stat().st_mtime, reverse=True)

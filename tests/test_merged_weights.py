@@ -3,6 +3,7 @@ adapter merged; later loads read exactly those values without building them; a c
 stale entry; a damaged entry is rebuilt; only KEEP entries stay."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def cfg(tiny_model, tmp_path):
 
 
 def entries(cfg) -> list:
-    return sorted(p.name for p in merged_weights.Path(cfg.merged_cache).iterdir() if not p.name.startswith("."))
+    return sorted(p.name for p in Path(cfg.merged_cache).iterdir() if not p.name.startswith("."))
 
 
 def test_second_load_reads_the_entry_and_gets_the_same_weights(cfg, tiny_model, tmp_path, monkeypatch):
@@ -72,7 +73,7 @@ def test_changed_adapter_gets_its_own_entry_and_old_ones_are_pruned(cfg, tiny_mo
 def test_damaged_entry_is_rebuilt(cfg, tiny_model, tmp_path, capsys):
     adapter = make_adapter(str(tiny_model), tmp_path / "a", seed=3)
     first = weights(M.load_for_inference(cfg, adapter))
-    entry = merged_weights.Path(cfg.merged_cache) / entries(cfg)[0]
+    entry = Path(cfg.merged_cache) / entries(cfg)[0]
     (entry / "model.safetensors").write_bytes(b"not a safetensors file")
     again = weights(M.load_for_inference(cfg, adapter))
     assert "unreadable" in capsys.readouterr().out
@@ -85,4 +86,4 @@ def test_damaged_entry_is_rebuilt(cfg, tiny_model, tmp_path, capsys):
 def test_unmerged_or_disabled_loads_write_nothing(cfg, tiny_model, tmp_path, change, merge):
     adapter = make_adapter(str(tiny_model), tmp_path / "a", seed=4)
     M.load_for_inference(dataclasses.replace(cfg, **change), adapter, merge=merge)
-    assert not merged_weights.Path(cfg.merged_cache).exists()
+    assert not Path(cfg.merged_cache).exists()
