@@ -182,3 +182,64 @@ def test_decoding_loop_gives_generates_outputs_under_the_grammar(extractor, snip
     for a, b in zip(runs["loop"], runs["generate"]):
         assert a.output_tokens == b.output_tokens
         assert all(abs(a.confidence[p] - b.confidence[p]) < 1e-4 for p in a.confidence or {})
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary head, cache
+
+
+def test_vocab_head_gives_the_full_projections_masked_argmax(extractor):
+    """Projecting onto the allowed tokens alone (few allowed) or by vocabulary chunks (many): the same token and
+    log-probability as masking the model's own full logits."""
+    import copy
+
+    import torch
+    import xgrammar as xgr
+    from jsonextract.generation import VocabHead, masked_argmax
+
+    model = extractor.model
+    head = VocabHead.for_model(model)
+    assert head is not None  # a plain Llama on a CPU
+    V = model.config.vocab_size
+    torch.manual_seed(0)
+    hidden = torch.randn(6, model.config.hidden_size)
+    allowed = [[7], [3, 90, 400], list(range(0, V, 5)), list(range(V)), [V - 1, 11], list(range(100, 100 + VocabHead.FEW))]
+    bitmask = xgr.allocate_token_bitmask(len(allowed), V)
+    bitmask.zero_()
+    for r, ids in enumerate(allowed):
+        for t in ids:
+            bitmask[r, t // 32] |= torch.tensor(1 << (t % 32)).to(torch.int32)
+    with torch.inference_mode():
+        full = model.get_output_embeddings()(hidden).float()
+    ref_tokens, ref_lp = masked_argmax(full.clone(), bitmask.clone())
+    tokens, lp = head.choose(hidden, bitmask)
+    assert tokens == ref_tokens and all(t in ids for t, ids in zip(tokens, allowed))
+    assert lp[0] == 0.0 and max(abs(a - b) for a, b in zip(lp, ref_lp)) < 1e-4
+    assert head.choose(hidden, None)[0] == full.argmax(-1).tolist()  # unconstrained: chunked full projection
+    wrapped = copy.copy(model)  # a subclass outside transformers (as PEFT and FSDP make): the model's own logits
+    wrapped.__class__ = type("Wrapped", (type(model),), {})
+    assert VocabHead.for_model(wrapped) is None
+
+
+def test_growing_cache_keeps_the_rows_a_dynamic_cache_keeps():
+    """The loop's cache writes passes in place and moves the fewest rows when rows finish; its keys and values
+    are a DynamicCache's with the same rows selected."""
+    import torch
+    from transformers import DynamicCache
+    from jsonextract.generation import _growing, fill_holes
+
+    assert fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3] and fill_holes([1, 2]) == [2, 1]
+    torch.manual_seed(0)
+    grow, ref = _growing(), DynamicCache()
+    B = 6
+    for step, (t, keep) in enumerate([(40, None), (1, None), (3, [0, 2, 3, 5]), (70, None), (1, [1, 3]), (2, None)]):
+        if keep is not None:  # rows leave: the loop's order for the growing cache, any order for the reference
+            order = torch.tensor(fill_holes(keep) if step % 2 else keep[::-1])
+            grow.batch_select_indices(order)
+            ref.batch_select_indices(order)
+            B = len(keep)
+        for layer in range(2):
+            k, v = torch.randn(B, 3, t, 8), torch.randn(B, 3, t, 8)
+            gk, gv = grow.update(k, v, layer)
+            rk, rv = ref.update(k, v, layer)
+            assert torch.equal(gk, rk) and torch.equal(gv, rv)
+    assert grow.get_seq_length() == ref.get_seq_length() == 117
