@@ -6,7 +6,8 @@ run, on each data set given (SNIPS and Restaurant-8k test by default, with the m
   + jump-forward, + the shared prompt prefix, + dequantised weights with the adapter merged (the defaults), the
   defaults unconstrained, the dequantised weights step by step, the defaults with the whole prompt in one
   left-padded pass instead of length groups, and the defaults at the batch job's batch size (128), with and
-  without length groups;
+  without length groups, and with the model's own full vocabulary projection instead of the loop's
+  (`generation.VocabHead`: allowed tokens only);
 - the Ray Data job (rayjobs/extract.py, configs/extract/cpu.yaml, 2 actors) on the previous path (as the job was
   configured before: generate(), NF4, batch 32) against the defaults (batch 128), first on an empty
   merged-weights cache (the replicas build the adapter's merged weights and write them), then again (the
@@ -154,6 +155,18 @@ def one_prompt_pass():
         generation.length_groups = groups
 
 
+@contextlib.contextmanager
+def model_projection():
+    """The decoding loop as it was before it projected onto the vocabulary itself: the model's full logits."""
+    from jsonextract import generation
+    for_model = generation.VocabHead.for_model
+    generation.VocabHead.for_model = classmethod(lambda cls, model: None)
+    try:
+        yield
+    finally:
+        generation.VocabHead.for_model = for_model
+
+
 def spread(lines: list[str], n: int) -> list[str]:
     return lines[::max(len(lines) // n, 1)][:n]
 
@@ -185,6 +198,9 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
                                                                   **{**DEFAULTS, "batch_size": JOB_BATCH})
     with one_prompt_pass():
         rows[f"defaults, batch {JOB_BATCH}, one prompt pass"] = run_variant(
+            ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
+    with model_projection():
+        rows[f"defaults, batch {JOB_BATCH}, the model's full vocabulary projection"] = run_variant(
             ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     if ablations:  # the two choices of the jump-forward design, each undone alone
         ex._cost.overhead_positions = lambda: 1e9  # every row padded to the longest draft
