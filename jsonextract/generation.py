@@ -367,7 +367,10 @@ class VocabHead:
     order), as a different batch size gives already: the masked argmax is the same but for exact near-ties.
 
     Only for models whose forward is exactly `lm_head(decoder(...))` with a plain bias-free Linear (no logit
-    scaling or soft-capping), unwrapped (not PEFT, not FSDP), on a CPU: elsewhere the model's own logits are used."""
+    scaling or soft-capping), on a CPU, not FSDP-wrapped: elsewhere the model's own logits are used. A PEFT model
+    whose adapters are all LoRA (Serve's unmerged adapters) is unwrapped: its decoder's layers apply the active
+    adapter (or none, under `disable_adapter()`) themselves, so only an adapter on the lm_head itself keeps the
+    model's logits."""
 
     PLAIN = ("llama", "mistral", "qwen2", "qwen3")  # model types whose logits are lm_head(final hidden state)
     FEW = 256  # allowed tokens up to which a position is projected onto those tokens alone
@@ -382,12 +385,25 @@ class VocabHead:
     def for_model(cls, model) -> "VocabHead | None":
         import torch
 
+        model = cls._unwrap_lora(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if (type(head) is not torch.nn.Linear or head.bias is not None or head.weight.device.type != "cpu"
                 or not type(model).__module__.startswith("transformers.models.")
                 or getattr(model.config, "model_type", None) not in cls.PLAIN):
             return None
         return cls(model.get_decoder(), head.weight)
+
+    @staticmethod
+    def _unwrap_lora(model):
+        """The transformers model inside a PEFT model whose adapters are all LoRA (PeftModel.forward only passes the
+        call on to it); any other model as it is."""
+        configs = getattr(model, "peft_config", None)
+        # activated LoRA (alora_invocation_tokens) is set up by PeftModel.forward's hooks from the input ids
+        plain_lora = configs and all(getattr(c, "peft_type", None) == "LORA"
+                                     and not getattr(c, "alora_invocation_tokens", None) for c in configs.values())
+        if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model") and plain_lora:
+            return model.get_base_model()
+        return model
 
     def project(self, hidden):
         import torch

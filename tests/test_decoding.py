@@ -220,6 +220,41 @@ def test_vocab_head_gives_the_full_projections_masked_argmax(extractor):
     assert VocabHead.for_model(wrapped) is None
 
 
+def test_vocab_head_runs_a_peft_models_active_lora_adapter(extractor):
+    """Serve's unmerged LoRA adapters: the head projects from the PEFT model's decoder, whose layers apply the
+    active adapter (or none when adapters are disabled); the loop's tokens are then PEFT's own generate()'s."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from jsonextract.generation import VocabHead, greedy_generate
+
+    tok = extractor.tokenizer
+    torch.manual_seed(0)
+    lora = dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)  # random, not zero
+    peft = get_peft_model(copy.deepcopy(extractor.model), LoraConfig(**lora), adapter_name="first")
+    peft.add_adapter("second", LoraConfig(**lora))
+    peft.eval()
+    assert VocabHead.for_model(peft) is not None
+    prompts = [extractor.prompt.encode_prompt(tok, t).ids for t in ["play jazz", "rate this book 4 out of 6"]]
+    n = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (n - len(p)) + p for p in prompts])
+    outputs = {}
+    for name in ("first", "second", ""):
+        peft.set_adapter(name or "first")
+        with peft.disable_adapter() if not name else torch.inference_mode():
+            with torch.inference_mode():
+                ref = peft.generate(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), max_new_tokens=12,
+                                    do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            got = greedy_generate(peft, prompts, max_new=12, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        for g, r in zip(got.tokens, ref[:, n:].tolist()):
+            assert g == (r[:r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r), name
+        outputs[name] = got.tokens
+    assert outputs["first"] != outputs[""] and outputs["second"] != outputs["first"]  # the adapters were applied, each its own
+    on_head = get_peft_model(copy.deepcopy(extractor.model), LoraConfig(r=4, target_modules=["lm_head"]))
+    assert VocabHead.for_model(on_head) is None  # an adapter on the projection itself: the model's own logits
+
+
 def test_growing_cache_keeps_the_rows_a_dynamic_cache_keeps():
     """The loop's cache writes passes in place and moves the fewest rows when rows finish; its keys and values
     are a DynamicCache's with the same rows selected."""
