@@ -5,11 +5,11 @@ run, on each data set given (SNIPS and Restaurant-8k test by default, with the m
   decoding path, `decoding.engine=generate model.inference_weights=nf4`), then the decoding loop step by step,
   + jump-forward, + the shared prompt prefix, + dequantised weights with the adapter merged (the defaults), the
   defaults unconstrained, the dequantised weights step by step, the defaults with the whole prompt in one
-  left-padded pass instead of length groups, and the defaults at the batch job's batch size (128), with and
+  left-padded pass instead of length groups, and the defaults at the batch job's batch size (configs/extract/cpu.yaml), with and
   without length groups, and with the model's own full vocabulary projection instead of the loop's
   (`generation.VocabHead`: allowed tokens only);
 - the Ray Data job (rayjobs/extract.py, configs/extract/cpu.yaml, 2 actors) on the previous path (as the job was
-  configured before: generate(), NF4, batch 32) against the defaults (batch 128), first on an empty
+  configured before: generate(), NF4, batch 32) against the defaults (the config's), first on an empty
   merged-weights cache (the replicas build the adapter's merged weights and write them), then again (the
   replicas read them: what every later job of that adapter does).
 
@@ -41,7 +41,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STEP = {"jump_forward": False, "prefix_cache": False}  # the decoding loop, one forward pass per token
-JOB_BATCH = 128  # configs/extract/cpu.yaml decoding.batch_size
+
+
+def job_batch() -> int:
+    """configs/extract/cpu.yaml's decoding.batch_size: the batch the job's replicas decode at."""
+    from jsonextract.config import load
+    from jsonextract.extract_config import ExtractConfig
+    return load(ExtractConfig, ROOT / "configs/extract/cpu.yaml", []).decoding.batch_size
+
+
+JOB_BATCH = job_batch()
 PREVIOUS_JOB = ["model.inference_weights=nf4", "decoding.engine=generate",  # as the job was configured before
                 "decoding.batch_size=32", "pool.batch_rows=64", "pool.max_batch_tokens=4096"]
 DEFAULTS = {"engine": "loop", "jump_forward": True, "prefix_cache": True, "constrained": True, "batch_size": 32}

@@ -23,11 +23,14 @@ def test_train_bench_quick():
 
 def test_extract_bench_quick():
     import re
+    from jsonextract.config import load
+    from jsonextract.extract_config import ExtractConfig
+    job_batch = load(ExtractConfig, ROOT / "configs/extract/cpu.yaml", []).decoding.batch_size  # the bench's JOB_BATCH
     out = run_bench("extract.py")
     assert "| generate(), step by step" in out and "| Ray Data job, defaults |" in out and "roofline:" in out
     assert "constrained / unconstrained" in out
     for variant in ("+ jump-forward", "+ shared prefix", "+ dequantized weights, adapter merged (defaults)",
-                    "defaults without prompt length groups (one prompt pass)", "defaults, batch 128 (the job's)"):
+                    "defaults without prompt length groups (one prompt pass)", f"defaults, batch {job_batch} (the job's)"):
         row = next(l for l in out.splitlines() if l.startswith(f"| {variant} |"))
         assert "| 16/16 |" in row, row  # the same outputs as step-by-step decoding
     assert re.search(r"^speedup: job rows/s vs step-by-step decoding on the same base = \d+\.\d\dx; "
