@@ -59,19 +59,22 @@ BASELINE = "generate(), step by step, NF4 base + LoRA (previous path)"
 PREVIOUS_JOB_LABEL = "Ray Data job, generate() step by step, NF4, batch 32 (previous path)"
 FIRST_LOAD = "Ray Data job, defaults, first load of the adapter (merged weights built and cached)"
 DEFAULTS_JOB = "Ray Data job, defaults"
+FP32 = "defaults in fp32 weights (model.inference_dtype=float32)"
 
 
 # ---------------------------------------------------------------------------------------------- variants
 
 
-def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, max_new: int, **decoding):
+def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, max_new: int, dtype: str = "auto",
+              **decoding):
     from jsonextract import config as C
     from jsonextract.decoding import Extractor
     from jsonextract.model import load_for_inference
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
 
-    lm = load_for_inference(C.ModelConfig(name=model, inference_weights=weights, merged_cache=""), adapter)
+    lm = load_for_inference(C.ModelConfig(name=model, inference_weights=weights, inference_dtype=dtype,
+                                          merged_cache=""), adapter)
     cfg = C.DecodingConfig(batch_size=32, max_new_tokens=max_new, grounding="off", **decoding)
     return Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, lm.schema or load_schema(schema_file)), cfg)
 
@@ -80,6 +83,7 @@ def run_variant(ex, texts, targets, **decoding) -> dict:
     from jsonextract.decoding import extract_in_batches
     from jsonextract.generation import DecodeStats
     from jsonextract.metrics import score_results
+    import torch
 
     ex.cfg = dataclasses.replace(ex.cfg, **decoding)
     ex.weights_changed()
@@ -92,7 +96,7 @@ def run_variant(ex, texts, targets, **decoding) -> dict:
     return {"rows_per_s": len(texts) / s, "tokens_per_s": tokens / s, "seconds": s, "raw": [r.raw for r in res],
             "passes": st["forward_passes"], "forced": st["forced_share"], "fed": st["fed"], "padding": st["padding"],
             "f1": score_results(zip(res, targets), ex.default_schema)["f1"], "tokens": tokens,
-            "prompt_tokens": sum(r.input_tokens for r in res)}
+            "prompt_tokens": sum(r.input_tokens for r in res), "bf16": ex.model.dtype == torch.bfloat16}
 
 
 def ray_job(model: str, adapter: str | None, schema_file: Path, inp: Path, out: Path, max_new: int,
@@ -112,15 +116,16 @@ def ray_job(model: str, adapter: str | None, schema_file: Path, inp: Path, out: 
             "f1": m["f1"], "valid": s["valid"] / s["rows_written"], "load_s": max(loads, default=float("nan"))}
 
 
-def pass_probe(model_dir: str, rows: int, reps: int = 5) -> float:
+def pass_probe(model_dir: str, rows: int, reps: int = 5, dtype: str = "float32") -> float:
     """Seconds of one pass of `rows` rows through matrices of the model's shapes (random fp32: every Linear of every
     layer, then the output projection; no attention, norms or Python): what the hardware needs for the matmuls of
     a pass, the weights read once. The best of `reps` passes."""
     import torch
 
     shapes = matmul_shapes(model_dir)
-    weights = [torch.randn(a, b) for a, b in shapes]  # distinct tensors: the pass reads them all from memory
-    x = {d: torch.randn(rows, d) for d in {a for a, _ in shapes}}
+    dt = getattr(torch, dtype)
+    weights = [torch.randn(a, b, dtype=dt) for a, b in shapes]  # distinct tensors: the pass reads them all from memory
+    x = {d: torch.randn(rows, d, dtype=dt) for d in {a for a, _ in shapes}}
     best = float("inf")
     with torch.inference_mode():
         for _ in range(reps):
@@ -188,7 +193,7 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     texts, targets = [r["text"] for r in recs], [r.get("target") for r in recs]
     schema = data / "schema.json"
     rows: dict[str, dict] = {}
-    probe = pass_probe(model, 1), pass_probe(model, 32)  # before anything else runs
+    probe = pass_probe(model, 1), pass_probe(model, 32), pass_probe(model, 32, dtype="bfloat16")  # before the rest
     ex = extractor(model, adapter, schema, "nf4", max_new)
     ex.extract(texts[:2])  # warm-up: grammar compilation, first-call allocations
     rows[BASELINE] = run_variant(ex, texts, targets, **REFERENCE)
@@ -211,6 +216,13 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     with model_projection():
         rows[f"defaults, batch {JOB_BATCH}, the model's full vocabulary projection"] = run_variant(
             ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
+    dtype = str(ex.model.dtype).removeprefix("torch.")
+    if dtype != "float32":  # model.inference_dtype=auto chose bf16 (a CPU with AMX): the same in fp32 weights
+        del ex
+        ex = extractor(model, adapter, schema, "dequantized", max_new, dtype="float32")
+        ex.extract(texts[:2])
+        rows[FP32] = run_variant(ex, texts, targets, **DEFAULTS)
+        rows[f"{FP32}, batch {JOB_BATCH}"] = run_variant(ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     if ablations:  # the two choices of the jump-forward design, each undone alone
         ex._cost.overhead_positions = lambda: 1e9  # every row padded to the longest draft
         rows["ablation: defaults, every pass as wide as the longest draft"] = run_variant(ex, texts, targets,
@@ -230,7 +242,11 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
         if not quick:
             jobs[FIRST_LOAD] = ray_job(model, adapter, schema, inp, tmp / f"{name}-first", max_new, cache)
         jobs[DEFAULTS_JOB] = ray_job(model, adapter, schema, inp, tmp / f"{name}-fast", max_new, cache)
-    return {"n": len(texts), "rows": rows, "jobs": jobs, "probe": probe, "adapter": adapter, "job_rows": min(job_rows, len(all_lines))}
+        if dtype != "float32":
+            jobs[f"Ray Data job, {FP32}"] = ray_job(model, adapter, schema, inp, tmp / f"{name}-fp32", max_new,
+                                                    [*cache, "model.inference_dtype=float32"])
+    return {"n": len(texts), "rows": rows, "jobs": jobs, "probe": probe, "adapter": adapter,
+            "job_rows": min(job_rows, len(all_lines)), "dtype": dtype}
 
 
 def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
@@ -238,12 +254,14 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
     step = rows["decoding loop, step by step, NF4"]
     base = rows[BASELINE]
     flops_per_token = 2 * matmul_params(model)
-    one, full = r["probe"]
+    one, full, full_bf16 = r["probe"]
     peak = flops_per_token * 32 / full / 1e9
+    peak_bf16 = flops_per_token * 32 / full_bf16 / 1e9
     print(f"\n{name}: {r['n']} test records, {'adapter ' + Path(r['adapter']).name if r['adapter'] else 'untrained model'}"
-          f", batch 32 unless the row says otherwise, one process ({torch_threads()} threads)\n")
+          f", batch 32 unless the row says otherwise, one process ({torch_threads()} threads); the defaults' "
+          f"inference dtype on this CPU: {r['dtype']} (model.inference_dtype=auto)\n")
     print("| variant | rows/s | vs previous path | output tokens/s | forward passes | output tokens without a pass "
-          "of their own | positions computed (padding) | matmul GFLOP/s (of the 32-row probe) | output identical to previous "
+          "of their own | positions computed (padding) | matmul GFLOP/s (of the 32-row probe in its dtype) | output identical to previous "
           "path | field F1 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, m in rows.items():  # GFLOP/s: the matmul work of the positions computed per second
@@ -251,7 +269,7 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
         gflops = m["fed"] * flops_per_token / m["seconds"] / 1e9
         print(f"| {label} | {m['rows_per_s']:.2f} | {m['rows_per_s'] / base['rows_per_s']:.2f}x | "
               f"{m['tokens_per_s']:.0f} | {m['passes']} | {m['forced']:.0%} | {m['fed']} ({m['padding'] / m['fed']:.0%}) | "
-              f"{gflops:.1f} ({gflops / peak:.0%}) | {same}/{r['n']} | {100 * m['f1']:.1f} |")
+              f"{gflops:.1f} ({gflops / (peak_bf16 if m['bf16'] else peak):.0%}) | {same}/{r['n']} | {100 * m['f1']:.1f} |")
     if jobs:
         print(f"\nThe Ray Data job (2 actors of half a CPU, start-up included), {r['job_rows']} records:\n")
         print("| job | rows/s | vs previous path | output tokens/s | seconds | slowest replica's model load (s) "
@@ -266,7 +284,8 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
     print(f"\nroofline: {flops_per_token / 1e9:.3f} GFLOP of matmul per position computed (2 x "
           f"{matmul_params(model) / 1e6:.1f}M weights, lm_head included). The probe (the model's matrices, random "
           f"fp32, {torch_threads()} threads) took {one * 1000:.0f} ms for a pass of 1 row and {full * 1000:.0f} ms "
-          f"for 32 rows: at most {32 / full:.0f} positions/s in 32-row passes ({peak:.1f} GFLOP/s). The defaults "
+          f"for 32 rows: at most {32 / full:.0f} positions/s in 32-row passes ({peak:.1f} GFLOP/s; in bf16 "
+          f"{full_bf16 * 1000:.0f} ms, {flops_per_token * 32 / full_bf16 / 1e9:.1f} GFLOP/s). The defaults "
           f"computed {d['fed'] / d['seconds']:.0f} positions/s at batch 32 ({d['fed'] / max(d['tokens'], 1):.2f} per "
           f"output token, {d['tokens_per_s']:.0f} output tokens/s) and {big['fed'] / big['seconds']:.0f} at batch "
           f"{JOB_BATCH} ({big['tokens_per_s']:.0f} output tokens/s)")

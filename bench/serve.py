@@ -1,8 +1,9 @@
 """Online serving throughput and latency: requests/s and p50/p99 latency at concurrency 1, 8 and 32, over real
 HTTP on 127.0.0.1, in one run: @serve.batch batching (max_batch_size 32) with the default decoding, the same with
 the previous decoding path (transformers' generate() over the NF4 base: `decoding.engine=generate
-model.inference_weights=nf4`), max_batch_size 1 with the default decoding, and (`--modes one-thread`) the
-replica on one torch thread, Ray's default for a replica that reserves 1 CPU.
+model.inference_weights=nf4`), max_batch_size 1 with the default decoding, (`--modes one-thread`) the
+replica on one torch thread, Ray's default for a replica that reserves 1 CPU, and (`--modes fp32`) the defaults
+with fp32 weights where `model.inference_dtype=auto` chose bf16 (a CPU with AMX).
 
     .venv/bin/python bench/serve.py [--adapter artifacts/adapters/snips] [--requests 96] [--modes batched,one-thread]
     .venv/bin/python bench/serve.py --quick
@@ -49,7 +50,9 @@ def modes(threads: int) -> list:
     return [("batched", "batched (max_batch_size 32)", 32, ({}, {}), threads),
             ("previous", "batched, previous decoding path", 32, previous, threads),
             ("unbatched", "unbatched (max_batch_size 1)", 1, ({}, {}), threads),
-            ("one-thread", "batched, replica on 1 thread (Ray's default for num_cpus 1)", 32, ({}, {}), 0)]
+            ("one-thread", "batched, replica on 1 thread (Ray's default for num_cpus 1)", 32, ({}, {}), 0),
+            ("fp32", "batched, fp32 weights (model.inference_dtype=float32)", 32,
+             ({}, {"inference_dtype": "float32"}), threads)]
 
 
 def main() -> int:
@@ -61,7 +64,7 @@ def main() -> int:
     ap.add_argument("--cpu-threads", type=int, default=2,
                     help="torch threads of the Model replica (configs/serve/cpu.yaml: 2; 0 = Ray's default, 1)")
     ap.add_argument("--modes", default="batched,previous,unbatched",
-                    help="comma-separated: batched, previous, unbatched, one-thread")
+                    help="comma-separated: batched, previous, unbatched, one-thread, fp32")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -114,7 +117,8 @@ def main() -> int:
         return 0
     line = [f"batched p99 / p50 = {b['p99'] / b['p50']:.2f}"]
     for mode, what in (("unbatched", "batched / unbatched"), ("previous", "defaults / previous decoding path"),
-                       ("one-thread", f"{args.cpu_threads} threads / 1 thread")):
+                       ("one-thread", f"{args.cpu_threads} threads / 1 thread"),
+                       ("fp32", "defaults / fp32 weights")):
         if mode in at32:
             o = at32[mode]
             line.append(f"{what} requests/s = {b['rps'] / o['rps']:.2f}x (p99 {b['p99'] / 1000:.1f} s vs "

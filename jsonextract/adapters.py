@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import ModelConfig, PromptConfig, build
 from .io import filesystem
-from .model import MANIFEST, ModelLoadError, load_inference_base, load_tokenizer, read_manifest
+from .model import MANIFEST, ModelLoadError, load_inference_base, load_tokenizer, read_manifest, to_inference_dtype
 from .prompt import PromptBuilder
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -109,7 +109,8 @@ class MultiAdapterModel:
         self.base_cfg = base_of(registry.manifest(names[0]), model_cfg) if names else model_cfg
         for name in names[1:]:  # fail at start, naming the adapter, rather than on its first request
             self._check_base(name, registry.manifest(name))
-        self.base = load_inference_base(self.base_cfg, device)
+        # Adapters attach unmerged over the cast base; PEFT keeps their own weights in fp32 (autocast_adapter_dtype).
+        self.base = to_inference_dtype(load_inference_base(self.base_cfg, device), self.base_cfg, device)
         self.tokenizer = load_tokenizer(str(registry.path(names[0])) if names else self.base_cfg.name)
         self.peft: Any = None
 

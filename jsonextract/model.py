@@ -92,6 +92,37 @@ def load_inference_base(cfg: ModelConfig, device: str = "cpu"):
     return model.eval()
 
 
+def cpu_has_amx_bf16() -> bool:
+    # AMX, not AVX512-BF16 alone: on a 2-core Sapphire Rapids (AMX) bf16 matrix products of decoding's shapes ran
+    # at 3.5-7x fp32's rate (M = 100-1000 rows, K/N = 576/1536, one thread); the AVX512-BF16 dot-product
+    # instructions alone gave about 2x in training's probes, not measured for decoding.
+    import torch
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def inference_dtype(cfg: ModelConfig, device: str = "cpu"):
+    """The dtype inference runs in (cfg.inference_dtype): `auto` is bf16 on a CPU with AMX, else cfg.dtype."""
+    import torch
+    if cfg.inference_dtype != "auto":
+        return torch_dtype(cfg.inference_dtype)
+    if torch.device(device).type == "cpu" and cpu_has_amx_bf16():
+        return torch.bfloat16
+    return torch_dtype(cfg.dtype)
+
+
+def to_inference_dtype(model, cfg: ModelConfig, device: str = "cpu"):
+    """Cast plain weights to the inference dtype. Done after the NF4 base is dequantised and the adapter merged
+    (both in cfg.dtype), so the merged sum is rounded once. A base kept in 4-bit keeps its compute dtype."""
+    dtype = inference_dtype(cfg, device)
+    kept_4bit = cfg.quantization == "nf4" and cfg.inference_weights == "nf4"  # (is_loaded_in_4bit outlives dequantize())
+    if kept_4bit or model.dtype == dtype:
+        return model
+    print(f"[model] inference in {str(dtype).removeprefix('torch.')} (model.inference_dtype={cfg.inference_dtype})",
+          flush=True)
+    return model.to(dtype)
+
+
 def keep_4bit_layout(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel; returns the layers pinned.
 
@@ -210,5 +241,5 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: str 
         model = load_inference_base(model_cfg, device)
         if adapter:
             model = attach_adapter(model, adapter, merge=merge and plain, cache=cache)
-    model.eval()
+    model = to_inference_dtype(model, model_cfg, device).eval()
     return LoadedModel(model, tokenizer, prompt, schema, manifest)

@@ -13,7 +13,9 @@ from conftest import SNIPS
 
 @pytest.fixture(scope="module")
 def extractor(tiny_model, snips_schema):
-    lm = load_for_inference(C.ModelConfig(name=str(tiny_model)), None)
+    # fp32, not the default `auto` (bf16 on AMX CPUs): these tests compare the loop with references exactly;
+    # bf16 inference has its own test below.
+    lm = load_for_inference(C.ModelConfig(name=str(tiny_model), inference_dtype="float32"), None)
     return Extractor(lm.model, lm.tokenizer, PromptBuilder(C.PromptConfig(), snips_schema),
                      C.DecodingConfig(max_new_tokens=48, batch_size=25))
 
@@ -166,6 +168,26 @@ def test_jump_forward_on_cuda(tiny_model, snips_schema, dtype):
         # fp32: identical. bf16 rounds a multi-token pass differently from a one-token pass, so an untrained
         # model's near-ties may break the other way on a few rows.
         assert same == len(texts) if dtype == "float32" else same >= 0.75 * len(texts)
+
+
+def test_bf16_inference_on_cpu_keeps_outputs_valid_and_close(extractor, tiny_model, snips_schema):
+    """bf16 weights (the default on CPUs with AMX; emulated, slower, elsewhere): the loop with jump-forward gives
+    schema-valid outputs or an error with a reason, and step-by-step decoding's outputs on most rows (bf16 rounds a
+    multi-token pass differently from one-token passes, so an untrained model's near-ties may break the other
+    way on a few rows, as on a GPU)."""
+    import dataclasses
+    lm = load_for_inference(C.ModelConfig(name=str(tiny_model), inference_dtype="bfloat16"), None)
+    assert next(lm.model.parameters()).dtype.is_floating_point and lm.model.dtype.itemsize == 2
+    texts = [r.text for r in read_jsonl(SNIPS / "test.jsonl")][:32]
+    runs = {}
+    for jf in (False, True):
+        ex = Extractor(lm.model, lm.tokenizer, extractor.prompt, dataclasses.replace(extractor.cfg, jump_forward=jf))
+        runs[jf] = ex.extract(texts)
+    for res in runs[True]:
+        assert (res.valid and validation_error(res.output, snips_schema) is None) or res.reason in (
+            "truncated", "invalid_json", "schema_invalid")
+    same = sum(a.raw == b.raw for a, b in zip(runs[True], runs[False]))
+    assert same >= 0.75 * len(texts), same
 
 
 def test_decoding_loop_gives_generates_outputs_under_the_grammar(extractor, snips_schema):
