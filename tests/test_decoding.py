@@ -177,7 +177,11 @@ def test_bf16_inference_on_cpu_keeps_outputs_valid_and_close(extractor, tiny_mod
     way on a few rows, as on a GPU)."""
     import dataclasses
     lm = load_for_inference(C.ModelConfig(name=str(tiny_model), inference_dtype="bfloat16"), None)
-    assert next(lm.model.parameters()).dtype.is_floating_point and lm.model.dtype.itemsize == 2
+    import torch
+    from jsonextract.generation import VocabHead
+    assert lm.model.dtype == torch.bfloat16
+    hidden = torch.randn(3, lm.model.config.hidden_size, dtype=torch.bfloat16)
+    assert VocabHead.for_model(lm.model).project(hidden).dtype == torch.float32  # logits not rounded to bf16
     texts = [r.text for r in read_jsonl(SNIPS / "test.jsonl")][:32]
     runs = {}
     for jf in (False, True):
