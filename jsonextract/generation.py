@@ -381,14 +381,26 @@ class VocabHead:
 
         self.decoder = decoder
         self.weight = weight.detach()  # no autograd bookkeeping on the projections done here
-        # Logits in fp32 from half-precision weights (model.inference_dtype=bfloat16): bf16 logits of magnitude
-        # 16-32 are rounded to steps of 0.125, which ties or flips the argmax between close tokens. With an fp32
-        # copy of the head (113 MB for SmolLM2) the bf16 model's outputs matched fp32's on 641 instead of 618 of
-        # 700 SNIPS test records (Restaurant-8k: 978 instead of 973 of 1000), at no measurable cost: most
-        # positions are projected onto a few allowed tokens.
         if self.weight.dtype in (torch.bfloat16, torch.float16):
-            self.weight = self.weight.float()
+            self.weight = self._fp32_copy(weight)
         self.chunks = self.weight.split(self.CHUNK)
+
+    @staticmethod
+    def _fp32_copy(weight):
+        """Logits in fp32 from half-precision weights (model.inference_dtype=bfloat16): bf16 logits of magnitude
+        16-32 are rounded to steps of 0.125, which ties or flips the argmax between close tokens. With an fp32
+        copy of the head (113 MB for SmolLM2) the bf16 model's outputs matched fp32's on 641 instead of 618 of
+        700 SNIPS test records (Restaurant-8k: 978 instead of 973 of 1000), at no measurable cost: most
+        positions are projected onto a few allowed tokens. The copy (27 ms) is made once per weight and kept on
+        the weight tensor itself, so it lives as long as the model; it is remade when the weight's storage or
+        version changes (edits through `.data` are not seen: no inference path edits a half-precision head, which
+        is cast after any merge)."""
+        stamp = (weight._version, weight.data_ptr())
+        cached = getattr(weight, "_jsonextract_fp32", None)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, weight.detach().float())
+            weight._jsonextract_fp32 = cached
+        return cached[1]
 
     @classmethod
     def for_model(cls, model) -> "VocabHead | None":

@@ -92,6 +92,11 @@ def load_inference_base(cfg: ModelConfig, device: str = "cpu"):
     return model.eval()
 
 
+def keeps_4bit(cfg: ModelConfig) -> bool:
+    """Inference over the NF4 base in 4-bit (model.inference_weights=nf4): nothing to merge into or cast."""
+    return cfg.quantization == "nf4" and cfg.inference_weights == "nf4"
+
+
 def cpu_has_amx_bf16() -> bool:
     # AMX, not AVX512-BF16 alone: on a 2-core Sapphire Rapids (AMX) bf16 matrix products of decoding's shapes ran
     # at 3.5-7x fp32's rate (M = 100-1000 rows, K/N = 576/1536, one thread); the AVX512-BF16 dot-product
@@ -115,8 +120,7 @@ def to_inference_dtype(model, cfg: ModelConfig, device: str = "cpu"):
     """Cast plain weights to the inference dtype. Done after the NF4 base is dequantised and the adapter merged
     (both in cfg.dtype), so the merged sum is rounded once. A base kept in 4-bit keeps its compute dtype."""
     dtype = inference_dtype(cfg, device)
-    kept_4bit = cfg.quantization == "nf4" and cfg.inference_weights == "nf4"  # (is_loaded_in_4bit outlives dequantize())
-    if kept_4bit or model.dtype == dtype:
+    if keeps_4bit(cfg) or model.dtype == dtype:  # (not is_loaded_in_4bit: it outlives dequantize())
         return model
     print(f"[model] inference in {str(dtype).removeprefix('torch.')} (model.inference_dtype={cfg.inference_dtype})",
           flush=True)
@@ -234,7 +238,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: str 
     # Merge only into plain weights: never into 4-bit weights (PEFT would re-quantise the sum) nor into the
     # original full-precision weights of an NF4 base (the LoRA learned to compensate the quantisation error):
     # into the dequantised NF4 values only.
-    plain = model_cfg.quantization == "none" or model_cfg.inference_weights == "dequantized"
+    plain = not keeps_4bit(model_cfg)
     cache = MergedCache.for_model(model_cfg, adapter) if adapter and merge and plain else None
     model = cache.load(device) if cache else None  # an entry exists only for adapters that were merged
     if model is None:
