@@ -111,7 +111,7 @@ def ray_job(model: str, adapter: str | None, schema_file: Path, inp: Path, out: 
         raise RuntimeError(r.stderr[-3000:])
     s = json.loads((out / "_summary.json").read_text())
     m = json.loads((out / "_metrics.json").read_text())
-    loads = [float(x) for x in re.findall(r"replica ready: model loaded in ([0-9.]+) s", r.stdout)]
+    loads = [float(x) for x in re.findall(r"replica ready on \w+: model loaded in ([0-9.]+) s", r.stdout)]
     return {"rows_per_s": s["rows_per_s"], "tokens_per_s": s["output_tokens_per_s"], "seconds": s["seconds"],
             "f1": m["f1"], "valid": s["valid"] / s["rows_written"], "load_s": max(loads, default=float("nan"))}
 

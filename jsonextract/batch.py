@@ -149,6 +149,18 @@ def merge_chunks(objs: list[dict]) -> dict:
 NO_ANNOTATION = {"grounding": None, "confidence": None, "dropped": None}  # rows without an output
 
 
+def replica_device(gpus_per_actor: float) -> str:
+    """A replica given GPUs runs on the one Ray made visible to it (Ray sets CUDA_VISIBLE_DEVICES per actor, so it
+    is always "cuda", index 0); a replica given none runs on the CPU."""
+    if gpus_per_actor <= 0:
+        return "cpu"
+    import torch
+    if not torch.cuda.is_available():
+        raise UserError(f"pool.gpus_per_actor={gpus_per_actor}, but this replica sees no CUDA GPU "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; torch {torch.__version__})")
+    return "cuda"
+
+
 class ExtractActor:
     """One model copy per actor (map_batches on an actor pool). Never raises on a row: failures are error rows."""
 
@@ -166,14 +178,15 @@ class ExtractActor:
         from .prompt import PromptBuilder
 
         self.cfg = cfg
-        lm = load_for_inference(cfg.model, cfg.adapter or None)
+        device = replica_device(cfg.pool.gpus_per_actor)
+        lm = load_for_inference(cfg.model, cfg.adapter or None, device)
         schema = schema if schema is not None else lm.schema
         self.tokenizer = lm.tokenizer
         budget = cfg.model.max_length - cfg.decoding.max_new_tokens
         self.extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema), cfg.decoding,
                                    max_prompt_tokens=budget, truncate_input=cfg.long_text == "truncate")
         self.overhead = len(self.extractor.prompt.encode_prompt(self.tokenizer, "").ids)
-        print(f"[extract] replica ready: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"[extract] replica ready on {device}: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def __call__(self, batch):
         import pandas as pd

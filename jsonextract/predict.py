@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output JSONL")
     ap.add_argument("--limit", type=int, default=0, help="only the first N records")
     ap.add_argument("--max-new-tokens", type=int, default=C.DecodingConfig().max_new_tokens)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a CUDA GPU if there is one")
     args = ap.parse_args(argv)
-    lm = load_for_inference(C.ModelConfig(name=args.model), args.adapter)
+    import torch
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    lm = load_for_inference(C.ModelConfig(name=args.model), args.adapter, device)
     schema = load_schema(args.schema) if args.schema else lm.schema or load_schema(Path(args.data).with_name("schema.json"))
     ex = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema),
                    C.DecodingConfig(max_new_tokens=args.max_new_tokens))

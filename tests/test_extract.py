@@ -1,5 +1,6 @@
 """The batch job for real: Ray Data read -> actor pool map_batches -> write, on the tiny model."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -137,6 +138,28 @@ def test_long_text_is_chunked_and_merged(ray_session, tiny_model, tmp_path):
     rows = {r["id"]: r for r in run(base_overrides(tiny_model, tmp_path / "out2", input=inp, long_text="truncate",
                                                    **{"model.max_length": 160}))}
     assert rows["long"]["input_truncated"] and not rows["short"]["input_truncated"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_job_on_cuda(tiny_model, tmp_path, dtype):
+    """One replica on the GPU (pool.gpus_per_actor=1): every row comes out once, valid outputs validate against the
+    schema, and the replica said it ran on cuda."""
+    import subprocess
+    src = (R8K / "test.jsonl").read_text().splitlines()[:100]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(src) + "\n")
+    over = base_overrides(tiny_model, tmp_path / "out", input=inp, **{
+        "pool.num_actors": 1, "pool.gpus_per_actor": 1, "pool.batch_rows": 64, "model.dtype": dtype})
+    # A subprocess with its own Ray (the GPU is found on start), so the replica's log line can be read.
+    r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / "extract.py"), *over], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "replica ready on cuda" in r.stdout + r.stderr
+    rows = read_all(str(tmp_path / "out"))
+    assert sorted(r["id"] for r in rows) == sorted(json.loads(l)["id"] for l in src)
+    schema = load_schema(R8K / "schema.json")
+    assert all(validation_error(json.loads(r["output"]), schema) is None for r in rows if r["valid"])
 
 
 def test_missing_input_is_clear_error(tmp_path):

@@ -136,6 +136,27 @@ def test_qlora_fsdp2_on_cuda(tiny_model, tmp_path):
     assert m["step"] == 2
 
 
+@pytest.mark.gpu
+def test_ray_train_job_on_cuda(ray_session, tiny_model, tmp_path):
+    """The job's GPU path under Ray: TorchTrainer with a GPU worker (NCCL), FSDP2 over a bitsandbytes 4-bit base
+    with bf16 compute and storage, evaluation mid-run; the adapter it writes has trained LoRA weights, and the
+    batch job's replica runs it on the GPU."""
+    import math
+    from safetensors.torch import load_file
+    from jsonextract.batch import ExtractActor
+    from jsonextract.extract_config import ExtractConfig
+
+    out, m = run_fit(tiny_cfg(tiny_model, tmp_path, "gpu-ray", **{
+        "run.use_gpu": True, "run.num_workers": 1, "optim.max_steps": 4, "model.dtype": "bfloat16",
+        "eval.every_steps": 2}))
+    assert m["step"] == 4 and math.isfinite(m["dev_loss"])
+    lora_b = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # PEFT starts B at zero: all were trained
+    cfg = C.load(ExtractConfig, None, [f"adapter={out}", "pool.gpus_per_actor=1", "decoding.max_new_tokens=24"])
+    actor = ExtractActor(cfg, None)
+    assert actor.extractor.model.device.type == "cuda"
+
+
 def _losses(adapter: Path) -> list[float]:
     return [h["loss"] for h in history(adapter) if "loss" in h]
 
