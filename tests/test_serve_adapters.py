@@ -6,6 +6,7 @@ import json
 
 import pytest
 import requests
+import torch
 
 from jsonextract.schema import load_schema, validation_error
 from conftest import ROOT, SNIPS
@@ -139,3 +140,27 @@ def test_registry_from_a_uri_copies_adapters_and_only_knows_its_names(registry, 
     for bad in ("../snips", "snips/../../etc", "nope"):
         with pytest.raises(UnknownAdapter):
             reg.path(bad)
+
+
+@pytest.mark.gpu
+def test_replica_model_on_cuda_swaps_adapters(registry):
+    """A Serve replica's model on a GPU (configs/serve/gpu.yaml's path): the base dequantised once and cast to bf16,
+    the two adapters attached unmerged and swapped in turn; each gives outputs valid under its own schema (or an
+    error with a reason), computed on the GPU."""
+    from jsonextract import config as C
+    from jsonextract.adapters import AdapterRegistry, MultiAdapterModel
+    from jsonextract.decoding import Extractor
+
+    lm = MultiAdapterModel(C.ModelConfig(dtype="bfloat16", max_length=384), AdapterRegistry(str(registry)), "cuda")
+    assert lm.base.dtype == torch.bfloat16
+    for name, data in (("snips", SNIPS), ("restaurant", RESTAURANT), ("snips", SNIPS)):
+        adapter = lm.load(name)
+        schema = load_schema(data / "schema.json")
+        texts = [json.loads(l)["text"] for l in (data / "test.jsonl").read_text().splitlines()[:16]]
+        with lm.active(name) as model:
+            assert model.active_adapter == name and next(model.parameters()).device.type == "cuda"
+            results = Extractor(model, lm.tokenizer, adapter.prompt,
+                                C.DecodingConfig(max_new_tokens=128, max_string_length=8)).extract(texts)
+        for r in results:
+            assert (r.valid and validation_error(r.output, schema) is None) or r.reason in (
+                "truncated", "invalid_json", "schema_invalid"), r
