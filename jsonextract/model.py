@@ -97,6 +97,12 @@ def keeps_4bit(cfg: ModelConfig) -> bool:
     return cfg.quantization == "nf4" and cfg.inference_weights == "nf4"
 
 
+def resolve_device(choice: str) -> str:
+    """`auto` | `cpu` | `cuda` -> the device to load onto: `auto` is a CUDA GPU when there is one."""
+    import torch
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def cpu_has_amx_bf16() -> bool:
     # AMX, not AVX512-BF16 alone: on a 2-core Sapphire Rapids (AMX) bf16 matrix products of decoding's shapes ran
     # at 3.5-7x fp32's rate (M = 100-1000 rows, K/N = 576/1536, one thread); the AVX512-BF16 dot-product

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import config as C
 from .data import read_jsonl
 from .decoding import Extractor, extract_in_batches
-from .model import load_for_inference
+from .model import load_for_inference, resolve_device
 from .prompt import PromptBuilder
 from .schema import load_schema
 
@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=C.DecodingConfig().max_new_tokens)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a CUDA GPU if there is one")
     args = ap.parse_args(argv)
-    import torch
-    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    lm = load_for_inference(C.ModelConfig(name=args.model), args.adapter, device)
+    lm = load_for_inference(C.ModelConfig(name=args.model), args.adapter, resolve_device(args.device))
     schema = load_schema(args.schema) if args.schema else lm.schema or load_schema(Path(args.data).with_name("schema.json"))
     ex = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema),
                    C.DecodingConfig(max_new_tokens=args.max_new_tokens))

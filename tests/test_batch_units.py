@@ -5,7 +5,7 @@ import pytest
 
 from jsonextract.errors import UserError
 
-from jsonextract.batch import balanced_batch_rows, merge_chunks, parse_file, resolve_inputs
+from jsonextract.batch import balanced_batch_rows, merge_chunks, parse_file, replica_device, resolve_inputs
 from jsonextract.extract_config import ExtractConfig
 
 
@@ -72,3 +72,15 @@ def test_reading_results_has_no_side_effects_and_resume_quarantines_explicitly(t
     assert [p.rsplit("/", 1)[1] for p in quarantine_unreadable(tmp_path)] == ["part-1.parquet"]
     assert (tmp_path / "part-1.parquet.corrupt").is_file()
     assert read_results(tmp_path, ["id", "error"]) == [{"id": "a", "error": None}, {"id": "b", "error": None}]
+
+
+def test_replica_device_follows_the_gpus_it_was_given():
+    """No GPUs asked for: the CPU. GPUs asked for on a machine without CUDA: an error naming the setting, not a
+    replica that quietly runs on the CPU (or one that waits for a GPU forever)."""
+    import torch
+    assert replica_device(0) == "cpu"
+    if torch.cuda.is_available():
+        assert replica_device(1) == "cuda"
+    else:
+        with pytest.raises(UserError, match=r"pool.gpus_per_actor=0.5.*no CUDA GPU"):
+            replica_device(0.5)
