@@ -89,7 +89,11 @@ class Extractor:
 
     def grammar(self, schema: dict):
         """Compiled grammar for `schema` (LRU-cached); SchemaError if the schema is invalid or unsupported."""
-        return self._compiled(canonical_json(schema, sort_keys=True))
+        # The cache key keeps the schema's property order, which is the grammar's: it fixes the order of the keys
+        # (any_order=False) to the one the model was trained on (PromptBuilder.answer_text). A key-sorted key once
+        # made every grammar alphabetical, and the model, forced off its trained order, put values under the wrong
+        # keys: Restaurant-8k field F1 53 instead of 72 on 64 test records.
+        return self._compiled(canonical_json(schema))
 
     def _compile(self, key: str):
         schema = json.loads(key)

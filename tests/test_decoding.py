@@ -65,6 +65,26 @@ def test_compiled_grammars_are_a_bounded_lru(extractor):
     assert info.currsize == 2 and info.misses == 4  # the first schema was evicted by the third, compiled again
 
 
+@pytest.mark.parametrize("data", ["snips", "restaurant8k"])
+def test_grammar_accepts_what_the_model_was_trained_to_write(extractor, data):
+    """The training targets' token sequences (keys in schema order, then eos) are accepted by the grammar the
+    decoder compiles for the same schema, token by token, to its end: training and decoding agree on the form.
+    (With the grammar compiled from a key-sorted copy of the schema, Restaurant-8k's targets, whose keys are not
+    in alphabetical order, were refused at their second key.)"""
+    import xgrammar as xgr
+    from jsonextract.schema import load_schema
+    schema = load_schema(SNIPS.parent / data / "schema.json")
+    assert list(schema["properties"]) != sorted(schema["properties"]) or data == "snips"
+    prompt = PromptBuilder(C.PromptConfig(), schema)
+    recs = [r for r in read_jsonl(SNIPS.parent / data / "train.jsonl") if r.ok][:40]
+    for r in recs:
+        matcher = xgr.GrammarMatcher(extractor.grammar(schema))
+        ids = prompt.encode_answer(extractor.tokenizer, r.target)
+        accepted = [matcher.accept_token(t) for t in ids]
+        assert all(accepted), (prompt.answer_text(r.target), accepted.index(False))
+        assert matcher.is_terminated()
+
+
 # ---------------------------------------------------------------------------------------------- jump-forward
 
 JUMP_SCHEMAS = {
