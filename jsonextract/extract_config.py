@@ -36,7 +36,7 @@ class ExtractConfig:
     target_column: str = "target"  # gold object column; when present the job scores itself
     passthrough_columns: tuple[str, ...] = ()  # input columns copied to the output unchanged
     long_text: Literal["chunk", "truncate", "error"] = "chunk"  # texts over the context: split+merge, cut, or error row
-    resume: bool = True  # skip ids already written to `output`
+    resume: bool = True  # skip ids already written to `output`; false = start over (its result files are deleted first)
     limit: int = 0  # only the first N input rows (0 = all)
     model: ModelConfig = field(default_factory=ModelConfig)  # base model (ignored when the adapter names one)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)  # generation settings

@@ -98,6 +98,15 @@ def quarantine_unreadable(location: str | Path) -> list[str]:
     return moved
 
 
+def remove_results(location: str | Path) -> list[str]:
+    """Delete the result files under a folder (a job told to start over, not to resume); returns them."""
+    fs, _ = filesystem(location)
+    files = result_files(location)
+    for f in files:
+        fs.delete_file(f)
+    return files
+
+
 def write_json(folder: str | Path, name: str, obj: dict) -> str:
     """Write `obj` as `<folder>/<name>` (local or URI); returns the path written."""
     fs, base = filesystem(folder)

@@ -20,7 +20,8 @@ from jsonextract.errors import UserError  # noqa: E402
 from jsonextract.batch import (ExtractActor, balanced_batch_rows, parse_file,  # noqa: E402
                                resolve_inputs, summarise)
 from jsonextract.extract_config import ExtractConfig  # noqa: E402
-from jsonextract.io import quarantine_unreadable, read_results, result_files, write_json  # noqa: E402
+from jsonextract.io import (quarantine_unreadable, read_results, remove_results, result_files,  # noqa: E402
+                            write_json)
 from jsonextract.metrics import format_table, score_results  # noqa: E402
 from jsonextract.model import check_model_name, read_manifest  # noqa: E402
 from jsonextract.schema import load_schema  # noqa: E402
@@ -38,6 +39,11 @@ def job_schema(cfg: ExtractConfig) -> dict | None:
 
 def already_done(cfg: ExtractConfig) -> set[str]:
     if not cfg.resume:
+        # Starting over: an earlier run's rows left beside the new ones would give ids twice and a self-score
+        # over both runs.
+        removed = remove_results(cfg.output)
+        if removed:
+            print(f"[extract] resume=false: {len(removed)} result file(s) of an earlier run deleted from {cfg.output}")
         return set()
     moved = quarantine_unreadable(cfg.output)
     for f in moved:

@@ -101,6 +101,19 @@ def test_resume_skips_done_ids(ray_session, tiny_model, tmp_path):
     assert json.loads((out / "_summary.json").read_text())["rows_skipped_already_done"] == 20
 
 
+def test_resume_false_starts_over(ray_session, tiny_model, tmp_path):
+    """resume=false into a folder that holds an earlier run: the earlier rows are replaced, not kept beside the new
+    ones (each id once, and the self-score counts one run)."""
+    src = (SNIPS / "test.jsonl").read_text().splitlines()[:12]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(src) + "\n")
+    out = tmp_path / "out"
+    run(base_overrides(tiny_model, out, input=inp, schema=SNIPS / "schema.json"))
+    rows = run(base_overrides(tiny_model, out, input=inp, schema=SNIPS / "schema.json", resume="false"))
+    assert sorted(r["id"] for r in rows) == sorted(json.loads(l)["id"] for l in src)
+    assert json.loads((out / "_metrics.json").read_text())["n"] == 12
+
+
 def test_crashed_actor_loses_no_rows(ray_session, tiny_model, tmp_path):
     src = (R8K / "test.jsonl").read_text().splitlines()[:30]
     inp = tmp_path / "in.jsonl"
