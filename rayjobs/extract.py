@@ -20,8 +20,8 @@ from jsonextract.errors import UserError  # noqa: E402
 from jsonextract.batch import (ExtractActor, balanced_batch_rows, parse_file,  # noqa: E402
                                resolve_inputs, summarise)
 from jsonextract.extract_config import ExtractConfig  # noqa: E402
-from jsonextract.io import (quarantine_unreadable, read_results, remove_results, result_files,  # noqa: E402
-                            write_json)
+from jsonextract.io import (filesystem, quarantine_unreadable, read_results, remove_results,  # noqa: E402
+                            result_files, write_json)
 from jsonextract.metrics import format_table, score_results  # noqa: E402
 from jsonextract.model import check_model_name, read_manifest  # noqa: E402
 from jsonextract.schema import load_schema  # noqa: E402
@@ -35,6 +35,16 @@ def job_schema(cfg: ExtractConfig) -> dict | None:
     if cfg.adapter:
         return read_manifest(cfg.adapter).get("schema")
     raise UserError("no schema: give schema=PATH or an adapter whose manifest has one")
+
+
+def check_output_apart(output: str, inputs: list[str]) -> None:
+    """The output folder must not hold input files: resuming would read them as results, and resume=false would
+    delete them."""
+    _, base = filesystem(output)
+    inside = [p for p in inputs if p == base or p.startswith(base.rstrip("/") + "/")]
+    if inside:
+        raise UserError(f"output={output} holds input files ({inside[0]}{' ...' if len(inside) > 1 else ''}): "
+                        "write the results to a folder of their own")
 
 
 def already_done(cfg: ExtractConfig) -> set[str]:
@@ -128,6 +138,7 @@ def main() -> int:
     if not cfg.input or not cfg.output:
         raise UserError("extract needs input=PATH and output=PATH")
     paths, fs = resolve_inputs(cfg.input)  # first: a mistyped input fails in a second, before any model work
+    check_output_apart(cfg.output, paths)
     schema = job_schema(cfg)
     # The base model, checked (and the embedded default built) once here, not by every actor at once.
     check_model_name(read_manifest(cfg.adapter)["base_model"] if cfg.adapter else cfg.model.name)

@@ -175,6 +175,21 @@ def test_job_on_cuda(tiny_model, tmp_path, dtype):
     assert all(validation_error(json.loads(r["output"]), schema) is None for r in rows if r["valid"])
 
 
+def test_output_folder_holding_the_inputs_is_refused(tmp_path):
+    """Results written among the inputs would be read back as results on resume, and resume=false deletes result
+    files: the job refuses before touching anything, naming the output."""
+    import subprocess
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.jsonl").write_text((R8K / "test.jsonl").read_text().splitlines()[0] + "\n")
+    for out in (data, data.parent):
+        r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / "extract.py"), f"input={data}", f"output={out}",
+                            f"schema={R8K / 'schema.json'}", "resume=false"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and f"output={out} holds input files" in r.stderr and "Traceback" not in r.stderr
+    assert (data / "in.jsonl").is_file()
+
+
 def test_missing_input_is_clear_error(tmp_path):
     import subprocess
     r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / "extract.py"), f"input={tmp_path / 'nope*.jsonl'}",
