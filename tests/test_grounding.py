@@ -61,15 +61,16 @@ def test_leaf_spans_are_the_canonical_json():
 
 @pytest.mark.parametrize("policy", ["annotate", "drop_ungrounded"])
 def test_decoder_output_that_disagrees_with_the_text_is_flagged(tiny_model, policy):
-    """Patterns make the untrained model write "paris" (in the text) and "tokyo" (not in it)."""
+    """Patterns make the untrained model write "paris" (in the text) and "tokyo" (not in it). The grammar keeps the
+    schema's key order: with the optional "to" last, the untrained model writes it."""
     from jsonextract import config as C
     from jsonextract.decoding import Extractor
     from jsonextract.model import load_base, load_tokenizer
     from jsonextract.prompt import PromptBuilder
 
     schema = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^paris$"},
-                                               "to": {"type": "string", "pattern": "^tokyo$"},
-                                               "mode": {"type": "string", "enum": ["air", "rail"]}},
+                                               "mode": {"type": "string", "enum": ["air", "rail"]},
+                                               "to": {"type": "string", "pattern": "^tokyo$"}},
               "required": ["city", "mode"], "additionalProperties": False}
     ex = Extractor(load_base(C.ModelConfig(name=str(tiny_model))), load_tokenizer(str(tiny_model)),
                    PromptBuilder(C.PromptConfig(), schema), C.DecodingConfig(max_new_tokens=40))
