@@ -41,6 +41,13 @@ def run(cfg_overrides: list[str]) -> list[dict]:
     return read_all(cfg.output)
 
 
+def run_cli(args: list[str], timeout: int = 120):
+    """rayjobs/extract.py as a user runs it, in its own process (its own Ray when it gets that far)."""
+    import subprocess
+    return subprocess.run([sys.executable, str(ROOT / "rayjobs" / "extract.py"), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def read_all(output: str) -> list[dict]:
     from jsonextract.io import read_results
     return read_results(output)
@@ -158,15 +165,13 @@ def test_long_text_is_chunked_and_merged(ray_session, tiny_model, tmp_path):
 def test_job_on_cuda(tiny_model, tmp_path, dtype):
     """One replica on the GPU (pool.gpus_per_actor=1): every row comes out once, valid outputs validate against the
     schema, and the replica said it ran on cuda."""
-    import subprocess
     src = (R8K / "test.jsonl").read_text().splitlines()[:100]
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(src) + "\n")
     over = base_overrides(tiny_model, tmp_path / "out", input=inp, **{
         "pool.num_actors": 1, "pool.gpus_per_actor": 1, "pool.batch_rows": 64, "model.dtype": dtype})
     # A subprocess with its own Ray (the GPU is found on start), so the replica's log line can be read.
-    r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / "extract.py"), *over], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = run_cli(over, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "replica ready on cuda" in r.stdout + r.stderr
     rows = read_all(str(tmp_path / "out"))
@@ -178,21 +183,15 @@ def test_job_on_cuda(tiny_model, tmp_path, dtype):
 def test_output_folder_holding_the_inputs_is_refused(tmp_path):
     """Results written among the inputs would be read back as results on resume, and resume=false deletes result
     files: the job refuses before touching anything, naming the output."""
-    import subprocess
     data = tmp_path / "data"
     data.mkdir()
     (data / "in.jsonl").write_text((R8K / "test.jsonl").read_text().splitlines()[0] + "\n")
     for out in (data, data.parent):
-        r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / "extract.py"), f"input={data}", f"output={out}",
-                            f"schema={R8K / 'schema.json'}", "resume=false"], capture_output=True, text=True,
-                           timeout=120)
+        r = run_cli([f"input={data}", f"output={out}", f"schema={R8K / 'schema.json'}", "resume=false"])
         assert r.returncode == 2 and f"output={out} holds input files" in r.stderr and "Traceback" not in r.stderr
     assert (data / "in.jsonl").is_file()
 
 
 def test_missing_input_is_clear_error(tmp_path):
-    import subprocess
-    r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / "extract.py"), f"input={tmp_path / 'nope*.jsonl'}",
-                        f"output={tmp_path / 'o'}", f"schema={R8K / 'schema.json'}"], capture_output=True, text=True,
-                       timeout=120)
+    r = run_cli([f"input={tmp_path / 'nope*.jsonl'}", f"output={tmp_path / 'o'}", f"schema={R8K / 'schema.json'}"])
     assert r.returncode == 2 and "no files match" in r.stderr and "Traceback" not in r.stderr
