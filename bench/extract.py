@@ -2,14 +2,15 @@
 run, on each data set given (SNIPS and Restaurant-8k test by default, with the main jobs' adapters):
 
 - in one process, batch 32: `model.generate()` with grammar masks over the NF4 base + LoRA (the previous
-  decoding path, `decoding.engine=generate model.inference_weights=nf4`), then the decoding loop step by step,
-  + jump-forward, + the shared prompt prefix, + dequantised weights with the adapter merged (the defaults), the
-  defaults unconstrained, the dequantised weights step by step, the defaults with the whole prompt in one
-  left-padded pass instead of length groups, and the defaults at the batch job's batch size (configs/extract/cpu.yaml), with and
-  without length groups, and with the model's own full vocabulary projection instead of the loop's
-  (`generation.VocabHead`: allowed tokens only);
+  decoding path, `decoding.engine=generate model.inference_weights=nf4 model.inference_attention=sdpa`), then the
+  decoding loop step by step, + jump-forward, + the shared prompt prefix, + grouped query heads packed in attention
+  (`jsonextract/attention.py`), + dequantised weights with the adapter merged (the defaults), the defaults
+  unconstrained, the dequantised weights step by step, the defaults with the whole prompt in one left-padded pass
+  instead of length groups, and the defaults at the batch job's batch size (configs/extract/cpu.yaml), with and
+  without length groups, with the model's own full vocabulary projection instead of the loop's
+  (`generation.VocabHead`: allowed tokens only), and with transformers' own sdpa attention;
 - the Ray Data job (rayjobs/extract.py, configs/extract/cpu.yaml, 2 actors) on the previous path (as the job was
-  configured before: generate(), NF4, batch 32) against the defaults (the config's), first on an empty
+  configured before: generate(), NF4, transformers' sdpa, batch 32) against the defaults (the config's), first on an empty
   merged-weights cache (the replicas build the adapter's merged weights and write them), then again (the
   replicas read them: what every later job of that adapter does).
 
@@ -52,7 +53,7 @@ def job_batch() -> int:
 
 JOB_BATCH = job_batch()
 PREVIOUS_JOB = ["model.inference_weights=nf4", "decoding.engine=generate",  # as the job was configured before
-                "decoding.batch_size=32", "pool.batch_rows=64", "pool.max_batch_tokens=4096"]
+                "model.inference_attention=sdpa", "decoding.batch_size=32", "pool.batch_rows=64", "pool.max_batch_tokens=4096"]
 DEFAULTS = {"engine": "loop", "jump_forward": True, "prefix_cache": True, "constrained": True, "batch_size": 32}
 REFERENCE = {"engine": "generate"}  # transformers' generate() with grammar masks: the previous decoding path
 BASELINE = "generate(), step by step, NF4 base + LoRA (previous path)"
@@ -66,7 +67,7 @@ FP32 = "defaults in fp32 weights (model.inference_dtype=float32)"
 
 
 def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, max_new: int, dtype: str = "auto",
-              **decoding):
+              attention: str = "auto", **decoding):
     from jsonextract import config as C
     from jsonextract.decoding import Extractor
     from jsonextract.model import load_for_inference
@@ -74,7 +75,7 @@ def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, 
     from jsonextract.schema import load_schema
 
     lm = load_for_inference(C.ModelConfig(name=model, inference_weights=weights, inference_dtype=dtype,
-                                          merged_cache=""), adapter)
+                                          inference_attention=attention, merged_cache=""), adapter)
     cfg = C.DecodingConfig(batch_size=32, max_new_tokens=max_new, grounding="off", **decoding)
     return Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, lm.schema or load_schema(schema_file)), cfg)
 
@@ -170,6 +171,17 @@ def one_prompt_pass():
 
 
 @contextlib.contextmanager
+def unpacked_attention(ex):
+    """transformers' own sdpa, which copies the key/value cache for every query head (model.inference_attention=sdpa)."""
+    impl = ex.model.config._attn_implementation
+    ex.model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        ex.model.set_attn_implementation(impl)
+
+
+@contextlib.contextmanager
 def model_projection():
     """The decoding loop as it was before it projected onto the vocabulary itself: the model's full logits."""
     from jsonextract import generation
@@ -196,10 +208,12 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     probe = pass_probe(model, 1), pass_probe(model, 32), pass_probe(model, 32, dtype="bfloat16")  # before the rest
     ex = extractor(model, adapter, schema, "nf4", max_new)
     ex.extract(texts[:2])  # warm-up: grammar compilation, first-call allocations
-    rows[BASELINE] = run_variant(ex, texts, targets, **REFERENCE)
-    rows["decoding loop, step by step, NF4"] = run_variant(ex, texts, targets, engine="loop", **STEP)
-    rows["+ jump-forward"] = run_variant(ex, texts, targets, jump_forward=True, prefix_cache=False)
-    rows["+ shared prefix"] = run_variant(ex, texts, targets, jump_forward=True, prefix_cache=True)
+    with unpacked_attention(ex):
+        rows[BASELINE] = run_variant(ex, texts, targets, **REFERENCE)
+        rows["decoding loop, step by step, NF4"] = run_variant(ex, texts, targets, engine="loop", **STEP)
+        rows["+ jump-forward"] = run_variant(ex, texts, targets, jump_forward=True, prefix_cache=False)
+        rows["+ shared prefix"] = run_variant(ex, texts, targets, jump_forward=True, prefix_cache=True)
+    rows["+ grouped query heads packed in attention (no cache copies)"] = run_variant(ex, texts, targets)
     del ex
     ex = extractor(model, adapter, schema, "dequantized", max_new)
     ex.extract(texts[:2])
@@ -216,6 +230,9 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     with model_projection():
         rows[f"defaults, batch {JOB_BATCH}, the model's full vocabulary projection"] = run_variant(
             ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
+    with unpacked_attention(ex):
+        rows[f"defaults, batch {JOB_BATCH}, transformers' sdpa (cache copied per query head)"] = run_variant(
+            ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     dtype = str(ex.model.dtype).removeprefix("torch.")
     if dtype != "float32":  # model.inference_dtype=auto chose bf16 (a CPU with AMX): the same in fp32 weights
         del ex
@@ -223,6 +240,9 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
         ex.extract(texts[:2])
         rows[FP32] = run_variant(ex, texts, targets, **DEFAULTS)
         rows[f"{FP32}, batch {JOB_BATCH}"] = run_variant(ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
+        with unpacked_attention(ex):
+            rows[f"{FP32}, batch {JOB_BATCH}, transformers' sdpa"] = run_variant(
+                ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     if ablations:  # the two choices of the jump-forward design, each undone alone
         ex._cost.overhead_positions = lambda: 1e9  # every row padded to the longest draft
         rows["ablation: defaults, every pass as wide as the longest draft"] = run_variant(ex, texts, targets,

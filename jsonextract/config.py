@@ -36,6 +36,7 @@ class ModelConfig:
     trust_remote_code: bool = False  # passed to from_pretrained for models with custom code
     inference_weights: Literal["dequantized", "nf4"] = "dequantized"  # inference over an NF4 base (batch, serve, predict): expand it once to `dtype` and merge a single adapter into it (same values, no 4-bit unpacking per step, 4x the weight memory), or keep it 4-bit; training ignores it
     inference_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # dtype of the weights at inference (batch, serve, predict), applied after any dequantising and merging in `dtype`: auto = bfloat16 on a CPU with AMX bf16 units (several times fp32's matrix-product throughput there), else `dtype`
+    inference_attention: Literal["auto", "sdpa"] = "auto"  # attention at inference (batch, serve, predict): auto = torch's SDPA with the query heads that share a key/value head packed together (same outputs, no copy of the cache per head; measured faster on CPUs), sdpa = transformers' own
     merged_cache: str = "~/.cache/jsonextract/merged"  # folder where the batch job and predict keep each adapter's merged weights after its first load (later loads skip quantising the base and importing peft: about half the start-up); "" = merge in memory on every load
 
     def __post_init__(self) -> None:

@@ -161,6 +161,56 @@ def test_prompt_length_groups_partition_the_rows():
     assert length_groups(lengths, overhead=1e4) == [[0, 4, 2, 3, 1]]  # a pass costs more than any padding
 
 
+def test_packed_gqa_attention_is_sdpa_without_copying_the_cache():
+    """Query heads laid along the query length over the key/value heads: the attention of transformers' sdpa
+    (which copies the cache per query head), for passes of several positions with holes in the mask."""
+    import torch
+    from types import SimpleNamespace
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from jsonextract.attention import packed_gqa_sdpa
+
+    torch.manual_seed(0)
+    for groups, T, L in [(3, 4, 20), (2, 1, 9), (4, 7, 7)]:
+        module = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+        q, k, v = torch.randn(5, 2 * groups, T, 16), torch.randn(5, 2, L, 16), torch.randn(5, 2, L, 16)
+        mask = torch.rand(5, 1, T, L) > 0.3
+        mask[..., 0] = True  # every position sees at least one key
+        want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+        got, _ = packed_gqa_sdpa(module, q, k, v, mask, scaling=0.25)
+        assert got.shape == want.shape == (5, T, 2 * groups, 16)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gqa_model_decodes_with_packed_attention_as_with_sdpa(tiny_model, snips_schema, tmp_path):
+    """A model with grouped query heads (SmolLM2: 9 over 3) is loaded for inference with the packed attention, and
+    the decoding loop's outputs, jump-forward passes of several positions included, are those of sdpa's."""
+    import shutil
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from jsonextract.attention import NAME
+
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    cfg.num_key_value_heads = 1  # 2 query heads over 1 key/value head
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    for f in tiny_model.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, tmp_path / f.name)
+    lm = load_for_inference(C.ModelConfig(name=str(tmp_path), inference_dtype="float32"), None)
+    assert lm.model.config._attn_implementation == NAME
+    ex = Extractor(lm.model, lm.tokenizer, PromptBuilder(C.PromptConfig(), snips_schema),
+                   C.DecodingConfig(max_new_tokens=40, batch_size=20))
+    texts = [r.text for r in read_jsonl(SNIPS / "test.jsonl")][:20]
+    packed = ex.extract(texts)
+    assert ex.stats.drafted > 0  # passes of several positions ran (a draft is fed with its sampled token)
+    lm.model.set_attn_implementation("sdpa")
+    ex.weights_changed()
+    plain = ex.extract(texts)
+    assert [r.raw for r in packed] == [r.raw for r in plain]
+    assert all(abs(a.confidence[p] - b.confidence[p]) < 1e-4
+               for a, b in zip(packed, plain) if a.confidence for p in a.confidence)
+
+
 def test_prefix_cache_is_dropped_when_weights_change(extractor):
     from jsonextract.generation import PrefixCache
     extractor.extract(["play jazz", "play rock"])
