@@ -1,7 +1,7 @@
 """Online serving throughput and latency: requests/s and p50/p99 latency at concurrency 1, 8 and 32, over real
 HTTP on 127.0.0.1, in one run: @serve.batch batching (max_batch_size 32) with the default decoding, the same with
 the previous decoding path (transformers' generate() over the NF4 base: `decoding.engine=generate
-model.inference_weights=nf4`), max_batch_size 1 with the default decoding, (`--modes one-thread`) the
+model.inference_weights=nf4 model.inference_attention=sdpa`), max_batch_size 1 with the default decoding, (`--modes one-thread`) the
 replica on one torch thread, Ray's default for a replica that reserves 1 CPU, and (`--modes fp32`) the defaults
 with fp32 weights where `model.inference_dtype=auto` chose bf16 (a CPU with AMX).
 
@@ -46,7 +46,7 @@ def load_level(url: str, texts: list[str], concurrency: int, n: int, max_new: in
 
 def modes(threads: int) -> list:
     """(--modes name, label, max_batch_size, (decoding, model) overrides, cpu_threads)."""
-    previous = {"engine": "generate"}, {"inference_weights": "nf4"}
+    previous = {"engine": "generate"}, {"inference_weights": "nf4", "inference_attention": "sdpa"}
     return [("batched", "batched (max_batch_size 32)", 32, ({}, {}), threads),
             ("previous", "batched, previous decoding path", 32, previous, threads),
             ("unbatched", "unbatched (max_batch_size 1)", 1, ({}, {}), threads),
