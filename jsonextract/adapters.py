@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .attention import use_packed_gqa
+from .attention import set_inference_attention
 from .config import ModelConfig, PromptConfig, build
 from .io import filesystem
 from .model import MANIFEST, ModelLoadError, load_inference_base, load_tokenizer, read_manifest, to_inference_dtype
@@ -112,8 +112,7 @@ class MultiAdapterModel:
             self._check_base(name, registry.manifest(name))
         # Adapters attach unmerged over the cast base; PEFT keeps their own weights in fp32 (autocast_adapter_dtype).
         self.base = to_inference_dtype(load_inference_base(self.base_cfg, device), self.base_cfg, device)
-        if self.base_cfg.inference_attention == "auto":
-            use_packed_gqa(self.base)
+        set_inference_attention(self.base, self.base_cfg.inference_attention)
         self.tokenizer = load_tokenizer(str(registry.path(names[0])) if names else self.base_cfg.name)
         self.peft: Any = None
 

@@ -46,14 +46,15 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the same boolean masks as `sdpa`
 
 
-def use_packed_gqa(model) -> bool:
-    """Switch an inference model from `sdpa` to the packed attention above where it has grouped query heads; models
-    on another implementation (eager, flash_attention_2) or without GQA are left as they are. Returns whether it
-    switched. Call it after any save_pretrained: the name is registered in this process only."""
+def set_inference_attention(model, setting: str) -> bool:
+    """Apply `model.inference_attention`: `auto` switches a model on transformers' `sdpa` with grouped query heads to
+    the packed attention above; `sdpa`, models on another implementation (eager, flash_attention_2) and models
+    without GQA stay as they are. Returns whether it switched. Call it after any save_pretrained: the name is
+    registered in this process only."""
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", None)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    if cfg._attn_implementation != "sdpa" or not heads or kv_heads == heads:
+    if setting != "auto" or cfg._attn_implementation != "sdpa" or not heads or kv_heads == heads:
         return False
     _register()
     model.set_attn_implementation(NAME)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .attention import use_packed_gqa
+from .attention import set_inference_attention
 from .errors import UserError
 from .config import LoraSettings, ModelConfig, PromptConfig, build
 from .merged_weights import MergedCache
@@ -253,6 +253,5 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: str 
         if adapter:
             model = attach_adapter(model, adapter, merge=merge and plain, cache=cache)
     model = to_inference_dtype(model, model_cfg, device).eval()
-    if model_cfg.inference_attention == "auto":
-        use_packed_gqa(model)  # after any save to the merged-weights cache: the attention's name is this process's
+    set_inference_attention(model, model_cfg.inference_attention)  # after any save to the merged-weights cache
     return LoadedModel(model, tokenizer, prompt, schema, manifest)
