@@ -67,7 +67,7 @@ FP32 = "defaults in fp32 weights (model.inference_dtype=float32)"
 
 
 def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, max_new: int, dtype: str = "auto",
-              attention: str = "auto", **decoding):
+              **decoding):
     from jsonextract import config as C
     from jsonextract.decoding import Extractor
     from jsonextract.model import load_for_inference
@@ -75,7 +75,7 @@ def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, 
     from jsonextract.schema import load_schema
 
     lm = load_for_inference(C.ModelConfig(name=model, inference_weights=weights, inference_dtype=dtype,
-                                          inference_attention=attention, merged_cache=""), adapter)
+                                          merged_cache=""), adapter)
     cfg = C.DecodingConfig(batch_size=32, max_new_tokens=max_new, grounding="off", **decoding)
     return Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, lm.schema or load_schema(schema_file)), cfg)
 
