@@ -61,6 +61,7 @@ PREVIOUS_JOB_LABEL = "Ray Data job, generate() step by step, NF4, batch 32 (prev
 FIRST_LOAD = "Ray Data job, defaults, first load of the adapter (merged weights built and cached)"
 DEFAULTS_JOB = "Ray Data job, defaults"
 FP32 = "defaults in fp32 weights (model.inference_dtype=float32)"
+WHOLE_BF16 = "defaults with the whole model cast to bf16 (residual stream and cache too)"
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -84,6 +85,7 @@ def run_variant(ex, texts, targets, **decoding) -> dict:
     from jsonextract.decoding import extract_in_batches
     from jsonextract.generation import DecodeStats
     from jsonextract.metrics import score_results
+    from jsonextract.precision import matmul_dtype
     import torch
 
     ex.cfg = dataclasses.replace(ex.cfg, **decoding)
@@ -97,7 +99,7 @@ def run_variant(ex, texts, targets, **decoding) -> dict:
     return {"rows_per_s": len(texts) / s, "tokens_per_s": tokens / s, "seconds": s, "raw": [r.raw for r in res],
             "passes": st["forward_passes"], "forced": st["forced_share"], "fed": st["fed"], "padding": st["padding"],
             "f1": score_results(zip(res, targets), ex.default_schema)["f1"], "tokens": tokens,
-            "prompt_tokens": sum(r.input_tokens for r in res), "bf16": ex.model.dtype == torch.bfloat16}
+            "prompt_tokens": sum(r.input_tokens for r in res), "bf16": matmul_dtype(ex.model) == torch.bfloat16}
 
 
 def ray_job(model: str, adapter: str | None, schema_file: Path, inp: Path, out: Path, max_new: int,
@@ -203,6 +205,9 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     lines = spread(all_lines, n)
     recs = [json.loads(l) for l in lines]
     texts, targets = [r["text"] for r in recs], [r.get("target") for r in recs]
+    import torch
+    from jsonextract.precision import matmul_dtype
+
     schema = data / "schema.json"
     rows: dict[str, dict] = {}
     probe = pass_probe(model, 1), pass_probe(model, 32), pass_probe(model, 32, dtype="bfloat16")  # before the rest
@@ -233,7 +238,7 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     with unpacked_attention(ex):
         rows[f"defaults, batch {JOB_BATCH}, transformers' sdpa (cache copied per query head)"] = run_variant(
             ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
-    dtype = str(ex.model.dtype).removeprefix("torch.")
+    dtype = str(matmul_dtype(ex.model)).removeprefix("torch.")
     if dtype != "float32":  # model.inference_dtype=auto chose bf16 (a CPU with AMX): the same in fp32 weights
         del ex
         ex = extractor(model, adapter, schema, "dequantized", max_new, dtype="float32")
@@ -243,6 +248,9 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
         with unpacked_attention(ex):
             rows[f"{FP32}, batch {JOB_BATCH}, transformers' sdpa"] = run_variant(
                 ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
+        ex.model.to(torch.bfloat16)  # the same fp32 merge, rounded once, but residual stream and cache in bf16 too
+        ex.weights_changed()
+        rows[f"{WHOLE_BF16}, batch {JOB_BATCH}"] = run_variant(ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     if ablations:  # the two choices of the jump-forward design, each undone alone
         ex._cost.overhead_positions = lambda: 1e9  # every row padded to the longest draft
         rows["ablation: defaults, every pass as wide as the longest draft"] = run_variant(ex, texts, targets,

@@ -387,9 +387,10 @@ class VocabHead:
 
     @staticmethod
     def _fp32_copy(weight):
-        """Logits in fp32 from half-precision weights (model.inference_dtype=bfloat16): bf16 logits of magnitude
+        """Logits in fp32 from a half-precision head (a model loaded or cast whole in bf16, e.g. `model.dtype=
+        bfloat16`; `model.inference_dtype=bfloat16` leaves the head in fp32): bf16 logits of magnitude
         16-32 are rounded to steps of 0.125, which ties or flips the argmax between close tokens. With an fp32
-        copy of the head (113 MB for SmolLM2) the bf16 model's outputs matched fp32's on 641 instead of 618 of
+        copy of the head (113 MB for SmolLM2) the whole-bf16 model's outputs matched fp32's on 641 instead of 618 of
         700 SNIPS test records (Restaurant-8k: 978 instead of 973 of 1000), at no measurable cost: most
         positions are projected onto a few allowed tokens. The copy (27 ms) is made once per weight and kept on
         the weight tensor itself, so it lives as long as the model; it is remade when the weight's storage or

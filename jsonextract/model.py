@@ -12,6 +12,7 @@ from .attention import set_inference_attention
 from .errors import UserError
 from .config import LoraSettings, ModelConfig, PromptConfig, build
 from .merged_weights import MergedCache
+from .precision import lower_matmul_precision
 from .prompt import PROMPT_VERSION
 from .schema import schema_hash
 
@@ -114,7 +115,8 @@ def cpu_has_amx_bf16() -> bool:
 
 
 def inference_dtype(cfg: ModelConfig, device: str = "cpu"):
-    """The dtype inference runs in (cfg.inference_dtype): `auto` is bf16 on a CPU with AMX, else cfg.dtype."""
+    """The dtype of the decoder's matrix products at inference (cfg.inference_dtype): `auto` is bf16 on a CPU with
+    AMX, else cfg.dtype."""
     import torch
     if cfg.inference_dtype != "auto":
         return torch_dtype(cfg.inference_dtype)
@@ -124,13 +126,21 @@ def inference_dtype(cfg: ModelConfig, device: str = "cpu"):
 
 
 def to_inference_dtype(model, cfg: ModelConfig, device: str = "cpu"):
-    """Cast plain weights to the inference dtype. Done after the NF4 base is dequantised and the adapter merged
-    (both in cfg.dtype), so the merged sum is rounded once. A base kept in 4-bit keeps its compute dtype."""
+    """Switch plain weights to the inference dtype. Done after the NF4 base is dequantised and the adapter merged
+    (both in cfg.dtype), so the merged sum is rounded once. A base kept in 4-bit keeps its compute dtype. A dtype
+    narrower than the model's (bf16 over fp32) goes to the decoder's matrix products only, the residual stream
+    stays in the model's dtype (`precision.lower_matmul_precision`: half the output changes of a whole-model cast);
+    a wider one casts the whole model."""
     dtype = inference_dtype(cfg, device)
     if keeps_4bit(cfg) or model.dtype == dtype:  # (not is_loaded_in_4bit: it outlives dequantize())
         return model
-    print(f"[model] inference in {str(dtype).removeprefix('torch.')} (model.inference_dtype={cfg.inference_dtype})",
-          flush=True)
+    name = str(dtype).removeprefix("torch.")
+    if dtype.itemsize < model.dtype.itemsize:
+        lower_matmul_precision(model, dtype)
+        print(f"[model] matrix products in {name}, activations in {str(model.dtype).removeprefix('torch.')} "
+              f"(model.inference_dtype={cfg.inference_dtype})", flush=True)
+        return model
+    print(f"[model] inference in {name} (model.inference_dtype={cfg.inference_dtype})", flush=True)
     return model.to(dtype)
 
 

@@ -35,6 +35,7 @@ def test_extract_bench_quick():
     fp32 = "defaults in fp32 weights (model.inference_dtype=float32)"
     if "inference dtype on this CPU: bfloat16" in out:  # a CPU with AMX: the defaults run in bf16, which rounds
         assert all(v in rows for v in defaults) and "| Ray Data job, " + fp32 + " |" in out  # other than fp32
+        assert f"defaults with the whole model cast to bf16 (residual stream and cache too), batch {job_batch}" in rows
         defaults = [fp32, f"{fp32}, batch {job_batch}"]
     for variant in ["+ jump-forward", "+ shared prefix", *defaults]:
         assert "| 16/16 |" in rows[variant], rows[variant]  # the same outputs as step-by-step decoding (fp32)

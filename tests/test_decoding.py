@@ -240,16 +240,19 @@ def test_jump_forward_on_cuda(tiny_model, snips_schema, dtype):
         assert same == len(texts) if dtype == "float32" else same >= 0.75 * len(texts)
 
 
-def test_bf16_inference_on_cpu_keeps_outputs_valid_and_close(extractor, tiny_model, snips_schema):
-    """bf16 weights (the default on CPUs with AMX; emulated, slower, elsewhere): the loop with jump-forward gives
-    schema-valid outputs or an error with a reason, and step-by-step decoding's outputs on most rows (bf16 rounds a
-    multi-token pass differently from one-token passes, so an untrained model's near-ties may break the other
-    way on a few rows, as on a GPU)."""
+@pytest.mark.parametrize("precision", [{"inference_dtype": "bfloat16"}, {"dtype": "bfloat16"}],
+                         ids=["bf16-matmuls", "bf16-model"])
+def test_bf16_inference_on_cpu_keeps_outputs_valid_and_close(extractor, tiny_model, snips_schema, precision):
+    """bf16 matrix products (the default on CPUs with AMX; emulated, slower, elsewhere), or a whole model loaded in
+    bf16: the loop with jump-forward gives schema-valid outputs or an error with a reason, and step-by-step
+    decoding's outputs on most rows (bf16 rounds a multi-token pass differently from one-token passes, so an
+    untrained model's near-ties may break the other way on a few rows, as on a GPU)."""
     import dataclasses
-    lm = load_for_inference(C.ModelConfig(name=str(tiny_model), inference_dtype="bfloat16"), None)
+    lm = load_for_inference(C.ModelConfig(name=str(tiny_model), **precision), None)
     import torch
     from jsonextract.generation import VocabHead
-    assert lm.model.dtype == torch.bfloat16
+    from jsonextract.precision import matmul_dtype
+    assert matmul_dtype(lm.model) == torch.bfloat16
     hidden = torch.randn(3, lm.model.config.hidden_size, dtype=torch.bfloat16)
     assert VocabHead.for_model(lm.model).project(hidden).dtype == torch.float32  # logits not rounded to bf16
     texts = [r.text for r in read_jsonl(SNIPS / "test.jsonl")][:32]

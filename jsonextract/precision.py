@@ -1,0 +1,67 @@
+"""Inference with the decoder's matrix products in a half-precision dtype (bf16 on CPUs with AMX) and the residual
+stream in the model's own dtype (fp32 on CPUs).
+
+Casting the whole model to bf16 also rounds the residual stream, the norms' inputs, attention and the KV cache to
+bf16 at every layer. Measured with the SNIPS and Restaurant-8k adapters over SmolLM2-135M (2-core Xeon with AMX,
+one process at the batch job's batch of 256, all test records; docs/experiments.md), against the previous decoding
+path (NF4 base + LoRA, fp32): the whole model in bf16 changed 67 of 700 SNIPS outputs and 14-15 of 1,000
+Restaurant-8k outputs; every linear layer in bf16 with its input and output cast, 45-46 and 8-9, but 8-17%
+slower (casts around every layer, the MLP's wide intermediate in fp32); each layer's MLP in bf16 as a whole and
+the attention projections cast one by one (what `lower_matmul_precision` does), 38 and 7, 5-7% slower than the
+whole model in bf16. fp32 throughout: 29 and 5, at 1.65-1.72x the bf16 model's time.
+"""
+from __future__ import annotations
+
+import functools
+
+
+def _cast_input(dtype, module, args, kwargs):
+    if args:
+        return (args[0].to(dtype), *args[1:]), kwargs
+    first = next(iter(kwargs))  # called with keywords only
+    return args, {**kwargs, first: kwargs[first].to(dtype)}
+
+
+def _cast_output(dtype, module, args, kwargs, output):
+    if isinstance(output, tuple):  # e.g. a mixture-of-experts block's (hidden states, router logits)
+        return (output[0].to(dtype), *output[1:])
+    return output.to(dtype)
+
+
+def _run_in(module, dtype, outer) -> None:
+    """`module`'s weights in `dtype`; its first input is cast to `dtype` on the way in and its output to `outer` on
+    the way out, so its callers see no change of dtype."""
+    module.to(dtype)
+    module.register_forward_pre_hook(functools.partial(_cast_input, dtype), with_kwargs=True)
+    module.register_forward_hook(functools.partial(_cast_output, outer), with_kwargs=True)
+
+
+def lower_matmul_precision(model, dtype) -> int:
+    """Run the matrix products of `model`'s decoder in `dtype`, the rest in the model's dtype. Each decoder layer's
+    MLP (`layer.mlp`: Llama, Mistral, Qwen) runs in `dtype` between its input and its output; every other linear
+    layer of the decoder (the attention projections; all of them in models without a `mlp`) gets its weights in
+    `dtype` and casts its input and output. Embeddings, norms, rotary embeddings, attention, the KV cache and the
+    output head stay as they are. Unmerged LoRA adapters attached later keep their own dtype (PEFT calls the
+    wrapped linear layer, whose hooks stay with it). Returns the number of modules switched; a second call
+    switches none."""
+    import torch
+
+    outer = model.get_input_embeddings().weight.dtype  # the residual stream's
+    decoder = model.get_decoder()
+    done = 0
+    whole = [layer.mlp for layer in getattr(decoder, "layers", []) if isinstance(getattr(layer, "mlp", None),
+                                                                                 torch.nn.Module)]
+    inside = {id(m) for mlp in whole for m in mlp.modules()}
+    for module in [*whole, *(m for m in decoder.modules() if isinstance(m, torch.nn.Linear) and id(m) not in inside)]:
+        weight = next(module.parameters(), None)
+        if weight is None or weight.dtype == dtype:  # already switched (or nothing to switch)
+            continue
+        _run_in(module, dtype, outer)
+        done += 1
+    return done
+
+
+def matmul_dtype(model):
+    """The dtype of the decoder's first linear layer: what its matrix products run in."""
+    import torch
+    return next(m.weight.dtype for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))
