@@ -106,3 +106,19 @@ def test_inference_dtype_rounds_the_merged_weights_once(cfg, tiny_model, tmp_pat
         assert M.inference_dtype(cfg) == want
         assert M.inference_dtype(cfg, "cuda") == torch.float32  # GPUs: model.dtype
         assert M.inference_dtype(dataclasses.replace(cfg, inference_dtype="float32")) == torch.float32
+
+
+@pytest.mark.parametrize("env, want", [({}, True), ({"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+                                       ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, True),
+                                       ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+                                       ({"DNNL_MAX_CPU_ISA": "avx512_core_bf16"}, False),
+                                       ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX", "DNNL_MAX_CPU_ISA": "AVX2"}, True)])
+def test_auto_bf16_needs_amx_that_onednn_may_use(env, want, monkeypatch):
+    """bf16 products run in oneDNN: held below AMX by the environment, they are slower than fp32 (90x at AVX2),
+    so `auto` keeps fp32 there even though the CPU has AMX."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert M.cpu_has_amx_bf16() is want
