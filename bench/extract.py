@@ -239,7 +239,7 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
         rows[f"defaults, batch {JOB_BATCH}, transformers' sdpa (cache copied per query head)"] = run_variant(
             ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     dtype = str(matmul_dtype(ex.model)).removeprefix("torch.")
-    if dtype != "float32":  # model.inference_dtype=auto chose bf16 (a CPU with AMX): the same in fp32 weights
+    if dtype != "float32":  # auto chose bf16 (measured faster here): the same in fp32 weights
         del ex
         ex = extractor(model, adapter, schema, "dequantized", max_new, dtype="float32")
         ex.extract(texts[:2])

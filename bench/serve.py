@@ -3,7 +3,7 @@ HTTP on 127.0.0.1, in one run: @serve.batch batching (max_batch_size 32) with th
 the previous decoding path (transformers' generate() over the NF4 base: `decoding.engine=generate
 model.inference_weights=nf4 model.inference_attention=sdpa`), max_batch_size 1 with the default decoding, (`--modes one-thread`) the
 replica on one torch thread, Ray's default for a replica that reserves 1 CPU, and (`--modes fp32`) the defaults
-with fp32 weights where `model.inference_dtype=auto` chose bf16 (a CPU with AMX).
+with fp32 weights where `model.inference_dtype=auto` chose bf16 (bf16 products measured faster on this CPU).
 
     .venv/bin/python bench/serve.py [--adapter artifacts/adapters/snips] [--requests 96] [--modes batched,one-thread]
     .venv/bin/python bench/serve.py --quick

@@ -3,8 +3,8 @@ adapter directories (PEFT files + tokenizer + manifest.json) saved and loaded wi
 """
 from __future__ import annotations
 
+import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,26 +106,47 @@ def resolve_device(choice: str) -> str:
     return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def cpu_has_amx_bf16() -> bool:
-    # AMX, not AVX512-BF16 alone: on a 2-core Sapphire Rapids (AMX) bf16 matrix products of decoding's shapes ran
-    # at 3.5-7x fp32's rate (M = 100-1000 rows, K/N = 576/1536, one thread); with oneDNN held to AVX512-BF16 on the
-    # same CPU (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) a 256x576 @ 576x1536 product took 2.0 ms in bf16 against
-    # 1.3 ms in fp32. torch asks the CPU (cpuid) about AMX, but bf16 products run in oneDNN, which honours a cap
-    # set in the environment: held to AVX2 the same product took 174 ms in bf16 (oneDNN's reference kernel)
-    # against 2.0 ms in fp32, so a cap without AMX counts as no AMX.
+# bf16 decoding wins where it is measured at least this much faster than model.dtype at decoding's shapes
+# (measured ratios lie far from it: 3.4-7x with AMX or Zen 5's AVX512-BF16, below 0.7x elsewhere).
+BF16_MIN_SPEEDUP = 1.5
+
+
+@functools.cache
+def bf16_matmul_speedup() -> float:
+    """How many times faster than fp32 this CPU multiplies decoding-shaped matrices in bf16 (a 64-row activation
+    by a 576x1536 weight, SmolLM2's MLP; the best of a few, at torch's thread count; about 0.1 s, once a process)."""
+    # Measured, not read from CPU flags: which kernel a bf16 product gets depends on the CPU, on oneDNN's
+    # dispatch and on the environment, and the flags do not tell the speed. One row of decoding's shape, one
+    # thread, fp32 / bf16 time: 2-core Sapphire Rapids (AMX) 3.5-7x; the same CPU with oneDNN held to
+    # AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 0.65x; 2-core AMD EPYC Zen 5 (AVX512-BF16, no AMX) 3.4-4.4x
+    # (MKL's fp32 runs there at about 100 GFLOP/s, oneDNN's bf16 at 330-480); oneDNN held to AVX2 0.01x (its
+    # reference kernel: 174 ms against 2 ms).
+    import time
+
     import torch
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    return bool(probe and probe()) and (cap == "ALL" or "AMX" in cap)
+
+    def best(dtype) -> float:
+        a, b = torch.randn(64, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        a @ b  # oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.inference_mode():
+        return best(torch.float32) / best(torch.bfloat16)
 
 
 def inference_dtype(cfg: ModelConfig, device: str = "cpu"):
-    """The dtype of the decoder's matrix products at inference (cfg.inference_dtype): `auto` is bf16 on a CPU with
-    AMX, else cfg.dtype."""
+    """The dtype of the decoder's matrix products at inference (cfg.inference_dtype): `auto` is bf16 on a CPU
+    that multiplies bf16 matrices at least BF16_MIN_SPEEDUP times as fast as fp32 (measured), else cfg.dtype."""
     import torch
     if cfg.inference_dtype != "auto":
         return torch_dtype(cfg.inference_dtype)
-    if torch.device(device).type == "cpu" and cpu_has_amx_bf16():
+    if (torch.device(device).type == "cpu" and cfg.dtype == "float32"
+            and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP):
         return torch.bfloat16
     return torch_dtype(cfg.dtype)
 
@@ -136,16 +157,23 @@ def to_inference_dtype(model, cfg: ModelConfig, device: str = "cpu"):
     narrower than the model's (bf16 over fp32) goes to the decoder's matrix products only, the residual stream
     stays in the model's dtype (`precision.lower_matmul_precision`: half the output changes of a whole-model cast);
     a wider one casts the whole model."""
-    dtype = inference_dtype(cfg, device)
-    if keeps_4bit(cfg) or model.dtype == dtype:  # (not is_loaded_in_4bit: it outlives dequantize())
+    if keeps_4bit(cfg):  # (not is_loaded_in_4bit: it outlives dequantize())
         return model
-    name = str(dtype).removeprefix("torch.")
+    dtype = inference_dtype(cfg, device)
+    name, own = (str(d).removeprefix("torch.") for d in (dtype, model.dtype))
+    note = f"model.inference_dtype={cfg.inference_dtype}"
+    measured = cfg.inference_dtype == "auto" and bf16_matmul_speedup.cache_info().currsize > 0
+    if measured:
+        note += f"; bf16 products measured at {bf16_matmul_speedup():.2g}x fp32's speed on this CPU"
+    if model.dtype == dtype:
+        if measured:  # a user on a CPU without fast bf16 learns why it stayed fp32
+            print(f"[model] matrix products in {name} ({note})", flush=True)
+        return model
     if dtype.itemsize < model.dtype.itemsize:
         lower_matmul_precision(model, dtype)
-        print(f"[model] matrix products in {name}, activations in {str(model.dtype).removeprefix('torch.')} "
-              f"(model.inference_dtype={cfg.inference_dtype})", flush=True)
+        print(f"[model] matrix products in {name}, activations in {own} ({note})", flush=True)
         return model
-    print(f"[model] inference in {name} (model.inference_dtype={cfg.inference_dtype})", flush=True)
+    print(f"[model] inference in {name} ({note})", flush=True)
     return model.to(dtype)
 
 

@@ -1,5 +1,5 @@
-"""Inference with the decoder's matrix products in a half-precision dtype (bf16 on CPUs with AMX) and the residual
-stream in the model's own dtype (fp32 on CPUs).
+"""Inference with the decoder's matrix products in a half-precision dtype (bf16 where the CPU runs bf16 products
+faster: AMX, Zen 5) and the residual stream in the model's own dtype (fp32 on CPUs).
 
 Casting the whole model to bf16 also rounds the residual stream, the norms' inputs, attention and the KV cache to
 bf16 at every layer. Measured with the SNIPS and Restaurant-8k adapters over SmolLM2-135M (2-core Xeon with AMX,

@@ -13,8 +13,8 @@ from conftest import SNIPS
 
 @pytest.fixture(scope="module")
 def extractor(tiny_model, snips_schema):
-    # fp32, not the default `auto` (bf16 on AMX CPUs): these tests compare the loop with references exactly;
-    # bf16 inference has its own test below.
+    # fp32, not the default `auto` (bf16 where bf16 products measure faster): these tests compare the loop with
+    # references exactly; bf16 inference has its own test below.
     lm = load_for_inference(C.ModelConfig(name=str(tiny_model), inference_dtype="float32"), None)
     return Extractor(lm.model, lm.tokenizer, PromptBuilder(C.PromptConfig(), snips_schema),
                      C.DecodingConfig(max_new_tokens=48, batch_size=25))
@@ -243,7 +243,7 @@ def test_jump_forward_on_cuda(tiny_model, snips_schema, dtype):
 @pytest.mark.parametrize("precision", [{"inference_dtype": "bfloat16"}, {"dtype": "bfloat16"}],
                          ids=["bf16-matmuls", "bf16-model"])
 def test_bf16_inference_on_cpu_keeps_outputs_valid_and_close(extractor, tiny_model, snips_schema, precision):
-    """bf16 matrix products (the default on CPUs with AMX; emulated, slower, elsewhere), or a whole model loaded in
+    """bf16 matrix products (`auto` where bf16 products measure faster), or a whole model loaded in
     bf16: the loop with jump-forward gives schema-valid outputs or an error with a reason, and step-by-step
     decoding's outputs on most rows (bf16 rounds a multi-token pass differently from one-token passes, so an
     untrained model's near-ties may break the other way on a few rows, as on a GPU)."""

@@ -1,7 +1,7 @@
 """bf16 matrix products over an fp32 residual stream (`model.inference_dtype=bfloat16` over `model.dtype=float32`:
-what `auto` picks on CPUs with AMX): the decoder's linear layers compute in bf16, everything between them stays
-fp32, and the outputs are closer to fp32's than a whole-model bf16 cast's; unmerged LoRA adapters (Serve) still
-apply over such a base."""
+what `auto` picks where bf16 products measure faster): the decoder's linear layers compute in bf16, everything
+between them stays fp32, and the outputs are closer to fp32's than a whole-model bf16 cast's; unmerged LoRA
+adapters (Serve) still apply over such a base."""
 import pytest
 import torch
 
