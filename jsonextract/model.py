@@ -107,19 +107,19 @@ def resolve_device(choice: str) -> str:
 
 
 # bf16 decoding wins where it is measured at least this much faster than model.dtype at decoding's shapes
-# (measured ratios lie far from it: 3.4-7x with AMX or Zen 5's AVX512-BF16, below 0.7x elsewhere).
+# (measured ratios lie far from it: 2.6-7x with AMX or Zen 5's AVX512-BF16, below 0.7x elsewhere).
 BF16_MIN_SPEEDUP = 1.5
 
 
 @functools.cache
 def bf16_matmul_speedup() -> float:
     """How many times faster than fp32 this CPU multiplies decoding-shaped matrices in bf16 (a 64-row activation
-    by a 576x1536 weight, SmolLM2's MLP; the best of a few, at torch's thread count; about 0.1 s, once a process)."""
+    by a 576x1536 weight, SmolLM2's MLP; the best of a few, at torch's thread count; about 30 ms, once a process)."""
     # Measured, not read from CPU flags: which kernel a bf16 product gets depends on the CPU, on oneDNN's
-    # dispatch and on the environment, and the flags do not tell the speed. One row of decoding's shape, one
-    # thread, fp32 / bf16 time: 2-core Sapphire Rapids (AMX) 3.5-7x; the same CPU with oneDNN held to
-    # AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 0.65x; 2-core AMD EPYC Zen 5 (AVX512-BF16, no AMX) 3.4-4.4x
-    # (MKL's fp32 runs there at about 100 GFLOP/s, oneDNN's bf16 at 330-480); oneDNN held to AVX2 0.01x (its
+    # dispatch and on the environment, and the flags do not tell the speed. At decoding's shapes (32-1000 rows by
+    # 576x1536), one thread, fp32 / bf16 time: 2-core Sapphire Rapids (AMX) 2.6-7.3x; the same CPU with oneDNN held to
+    # AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 0.65x; 2-core AMD EPYC Zen 5 (AVX512-BF16, no AMX) 3.1-4.6x
+    # (MKL's fp32 runs there at about 100 GFLOP/s, oneDNN's bf16 at 290-470); oneDNN held to AVX2 0.01x (its
     # reference kernel: 174 ms against 2 ms).
     import time
 
