@@ -145,10 +145,15 @@ def inference_dtype(cfg: ModelConfig, device: str = "cpu"):
     import torch
     if cfg.inference_dtype != "auto":
         return torch_dtype(cfg.inference_dtype)
-    if (torch.device(device).type == "cpu" and cfg.dtype == "float32"
-            and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP):
+    if auto_measures_bf16(cfg, device) and bf16_matmul_speedup() >= BF16_MIN_SPEEDUP:
         return torch.bfloat16
     return torch_dtype(cfg.dtype)
+
+
+def auto_measures_bf16(cfg: ModelConfig, device: str) -> bool:
+    """Whether `auto` decides by measuring bf16 products: fp32 models on a CPU (GPUs keep cfg.dtype)."""
+    import torch
+    return cfg.inference_dtype == "auto" and cfg.dtype == "float32" and torch.device(device).type == "cpu"
 
 
 def to_inference_dtype(model, cfg: ModelConfig, device: str = "cpu"):
@@ -162,7 +167,7 @@ def to_inference_dtype(model, cfg: ModelConfig, device: str = "cpu"):
     dtype = inference_dtype(cfg, device)
     name, own = (str(d).removeprefix("torch.") for d in (dtype, model.dtype))
     note = f"model.inference_dtype={cfg.inference_dtype}"
-    measured = cfg.inference_dtype == "auto" and bf16_matmul_speedup.cache_info().currsize > 0
+    measured = auto_measures_bf16(cfg, device)
     if measured:
         note += f"; bf16 products measured at {bf16_matmul_speedup():.2g}x fp32's speed on this CPU"
     if model.dtype == dtype:
