@@ -94,7 +94,8 @@ def test_unmerged_or_disabled_loads_write_nothing(cfg, tiny_model, tmp_path, cha
 
 def test_inference_dtype_rounds_the_merged_weights_once(cfg, tiny_model, tmp_path, monkeypatch):
     """bf16 inference weights are the fp32 merge rounded once (the cache keeps the fp32 entry for both), in the
-    decoder's linear layers only (embeddings and norms stay fp32), and `auto` picks bf16 where bf16 products measure fast enough."""
+    decoder's linear layers only (embeddings and norms stay fp32), and `auto` picks bf16 where bf16 products
+    measure fast enough."""
     adapter = make_adapter(str(tiny_model), tmp_path / "a", seed=5)
     fp32 = weights(M.load_for_inference(dataclasses.replace(cfg, inference_dtype="float32"), adapter))
     bf16 = weights(M.load_for_inference(dataclasses.replace(cfg, inference_dtype="bfloat16"), adapter))
