@@ -1,5 +1,5 @@
 """The quick variant of the main job on the real SmolLM2 base, end to end: base -> fine-tune (Ray Train, 2 workers,
-FSDP2, QLoRA, 16 steps) -> Ray Data extraction of a dev slice -> evaluate -> report. The fine-tuned adapter must
+FSDP2, QLoRA, 12 steps) -> Ray Data extraction of a dev slice -> evaluate -> report. The fine-tuned adapter must
 clearly beat the zero-shot base on the same records."""
 import json
 import os
