@@ -21,8 +21,8 @@ generate's left padding; tests compare them token for token):
 - Rows that finish leave the batch (their cache rows are dropped), so a long tail decodes at a small batch.
 - Prompts in length groups: one left-padded prompt pass computes every row at the longest row's length (on
   SNIPS 39% and on Restaurant-8k 62% of that pass was padding). Rows are sorted by length and split where the
-  padding saved is worth a pass's overhead (`PassCost`); each group's cache is then widened with holes to a
-  common length and all rows decode together.
+  padding saved is worth a pass's overhead (`PassCost`); each group writes its cache in place into one buffer
+  per layer for all rows, behind masked holes up to a common length (`_Slab`), and all rows decode together.
 - On a CPU the loop projects the final hidden states onto the vocabulary itself (`VocabHead`): only where it
   reads a token, and onto the grammar's allowed tokens where they are few. The key/value cache grows in place
   (`_growing`) and rows that finish are replaced by the last rows (`fill_holes`), so a pass copies neither the
@@ -31,6 +31,7 @@ generate's left padding; tests compare them token for token):
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass, field
 
 
@@ -130,10 +131,11 @@ class PrefixCache:
     """Keys/values of the prompt start shared by all rows; recomputed only when a batch does not start with it."""
     ids: tuple[int, ...] = ()
     kv: list = field(default_factory=list)  # per layer (keys, values), batch 1
+    dtype: object = None  # the cache dtype they were stored in (attention.cache_dtype)
     hits: int = 0  # batches that reused the cached prefix
     misses: int = 0  # batches that computed it
 
-    def for_batch(self, model, prompts: list[list[int]], device) -> int:
+    def for_batch(self, model, prompts: list[list[int]], device, dtype=None) -> int:
         """Length of the cached prefix to use for `prompts` (0: none), computing it if needed."""
         import torch
 
@@ -141,22 +143,23 @@ class PrefixCache:
         n = min(n, min(len(p) for p in prompts) - 1)  # every row keeps at least one token of its own
         if n < 1:
             return 0
-        if self.ids and len(self.ids) <= n and tuple(prompts[0][:len(self.ids)]) == self.ids:
+        if (self.ids and len(self.ids) <= n and tuple(prompts[0][:len(self.ids)]) == self.ids
+                and self.dtype == dtype):
             self.hits += 1
             return len(self.ids)
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True, logits_to_keep=1)
+            out = model(input_ids=torch.tensor([prompts[0][:n]], device=device), use_cache=True, logits_to_keep=1,
+                        cache=_growing(dtype=dtype))
         self.misses += 1
-        self.ids = tuple(prompts[0][:n])
+        self.ids, self.dtype = tuple(prompts[0][:n]), dtype
         self.kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         return n
 
-    def expand(self, batch: int):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+    def expand(self, batch: int, cache=None):
+        """`cache` (by default a new growing one) holding the prefix for `batch` rows."""
+        cache = cache if cache is not None else _growing(dtype=self.dtype)
         for i, (k, v) in enumerate(self.kv):
-            cache.update(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous(), i)
+            cache.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1), i)  # copied once, into room
         return cache
 
 
@@ -193,7 +196,8 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
     import time
 
     import torch
-    from transformers import DynamicCache
+
+    from .attention import cache_dtype
 
     if grammars is not None:
         import xgrammar as xgr
@@ -205,6 +209,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
     cost = cost or PassCost.for_device(device)
     gen = Generated([r.tokens for r in rows], [r.logprobs for r in rows])
     head = VocabHead.for_model(model)
+    kv_dtype = cache_dtype(model)  # bf16 where attention's products read it (attention.HALF), else as computed
 
     def forward(last_only: bool = False, **inputs):
         """(logits, or the final hidden states when `head` projects them itself; the cache) of one pass."""
@@ -218,32 +223,34 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
     # Prompt: the shared prefix from the cache, then each row's rest, left-padded (padding = holes), by groups
     # of similar length; `alive` lists the rows in group order (the batch slots' order from here on).
     misses = prefix.misses if prefix is not None else 0
-    P = prefix.for_batch(model, prompts, device) if prefix is not None else 0
+    P = prefix.for_batch(model, prompts, device, kv_dtype) if prefix is not None else 0
     S = max(len(p) for p in prompts) - P
     groups = length_groups([len(p) - P for p in prompts], cost.overhead_positions())
+    slab = _Slab([len(g) for g in groups], [S + P - max(len(prompts[j]) for j in g) for g in groups],
+                 P + S + max(64, (P + S) // 2), kv_dtype)  # room to grow as `GrowingLayer` leaves
     parts = []
-    for g in groups:
+    for gi, g in enumerate(groups):
         Sg = max(len(prompts[j]) for j in g) - P
         x = torch.full((len(g), Sg), pad_id, dtype=torch.long)
         m = torch.zeros((len(g), S), dtype=torch.long)  # the group's own padding, plus holes up to S
         for s, j in enumerate(g):
             x[s, Sg - len(prompts[j]) + P:] = torch.tensor(prompts[j][P:])
             m[s, S - len(prompts[j]) + P:] = 1
-        attn = torch.cat([torch.ones((len(g), P), dtype=torch.long), m], dim=1)
-        own = torch.cat([attn[:, :P], m[:, S - Sg:]], dim=1)  # the group's pass: no holes beyond its own padding
+        own = torch.cat([torch.ones((len(g), P), dtype=torch.long), m[:, S - Sg:]], dim=1)  # the group's pass
+        attn = torch.cat([m[:, :S - Sg], own], dim=1)  # in the joined cache: its holes, then the prefix and its own
         pos = (P + m[:, S - Sg:].cumsum(1) - 1).clamp(min=0)
-        last, group_cache = forward(input_ids=x.to(device), attention_mask=own.to(device),
-                                    position_ids=pos.to(device),
-                                    cache=prefix.expand(len(g)) if P else DynamicCache(), last_only=True)
-        parts.append((last, group_cache, attn, Sg))
+        group_cache = slab.group(gi)
+        last, _ = forward(input_ids=x.to(device), attention_mask=own.to(device), position_ids=pos.to(device),
+                          cache=prefix.expand(len(g), group_cache) if P else group_cache, last_only=True)
+        parts.append((last, attn))
         gen.forward_passes += 1
         gen.fed += len(g) * Sg
         gen.padding += len(g) * Sg - int(m.sum())
     gen.fed += P if prefix is not None and prefix.misses > misses else 0
     alive = [j for g in groups for j in g]  # row index of each batch slot
-    out = torch.cat([lg for lg, *_ in parts])  # per slot and position: logits, or hidden states for `head`
-    attn = torch.cat([a for *_, a, _ in parts])
-    cache = _join_caches([(c, S - Sg) for _, c, _, Sg in parts], P) if len(parts) > 1 else _growing(parts[0][1])
+    out = torch.cat([lg for lg, _ in parts])  # per slot and position: logits, or hidden states for `head`
+    attn = torch.cat([a for _, a in parts])
+    cache = slab.joined(P + S)
     for r in rows:
         r.masks = _masks(r.matcher, [], vocab_size)[1] if grammars is not None else None
 
@@ -462,48 +469,87 @@ class VocabHead:
         return best, lp
 
 
-def _join_caches(parts: list, prefix_len: int):
-    """One cache from per-group caches, each widened by `holes` masked positions after the shared prefix."""
-    import torch
+class _Slab:
+    """The prompt groups' key/value caches as one buffer pair per layer, [rows, heads, width, head_dim], the groups'
+    rows one after another: group g's cache writes in place from position `holes[g]` on (its masked holes, zeros,
+    come first: attention reads keys by mask, not by place), so the groups' caches are already the joined cache of
+    all rows. Joining them by concatenation instead copied every layer's cache three times into fresh memory: 9% of
+    a batch of 256 SNIPS rows (one thread, Zen 5), most of it the first touch of that memory."""
 
-    def widen(t, holes):
-        if not holes:
-            return t
-        gap = t.new_zeros(*t.shape[:2], holes, t.shape[3])
-        return torch.cat([t[:, :, :prefix_len], gap, t[:, :, prefix_len:]], dim=2)
+    def __init__(self, sizes: list[int], holes: list[int], width: int, dtype=None):
+        self.sizes, self.holes, self.width, self.dtype = sizes, holes, width, dtype
+        self.starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        self.buffers = []  # per layer (keys, values), allocated at the layer's first write
 
-    cache = _growing()
-    for i in range(len(parts[0][0].layers)):
-        keys = [widen(c.layers[i].keys, h) for c, h in parts]
-        values = [widen(c.layers[i].values, h) for c, h in parts]
-        cache.update(torch.cat(keys), torch.cat(values), i)
-    return cache
+    def layer(self, i: int, like):
+        import torch
+
+        if i == len(self.buffers):
+            shape = (sum(self.sizes), like.shape[1], self.width, like.shape[3])
+            bufs = tuple(like.new_empty(shape, dtype=self.dtype or like.dtype) for _ in range(2))
+            for start, n, h in zip(self.starts, self.sizes, self.holes):  # never written, but read: 0 * NaN = NaN
+                for b in bufs:
+                    b[start:start + n, :, :h].zero_()
+            self.buffers.append(bufs)
+        return self.buffers[i]
+
+    def group(self, g: int):
+        """Group g's cache: growing layers over its rows of the buffers, from its first position after the holes."""
+        from transformers.cache_utils import Cache
+
+        rows, h = slice(self.starts[g], self.starts[g] + self.sizes[g]), self.holes[g]
+        index = itertools.count()  # Cache makes its layers in order, one per layer index
+        return Cache(layer_class_to_replicate=lambda: _growing_layer_class(self.dtype)(
+            room=lambda like, i=next(index): tuple(b[rows, :, h:] for b in self.layer(i, like))))
+
+    def joined(self, length: int):
+        """The cache of every row: the buffers' first `length` positions, growing in place from there."""
+        from transformers.cache_utils import Cache
+
+        layers = []
+        for k, v in self.buffers:
+            layer = _growing_layer_class(self.dtype)()
+            layer.seed(k, v, length)
+            layers.append(layer)
+        return Cache(layers=layers)
 
 
-def _growing(source=None):
-    """A cache whose layers grow in place (`_GrowingLayer`), holding `source`'s keys and values if given."""
+def _growing(dtype=None):
+    """An empty cache whose layers grow in place (`GrowingLayer`), storing keys and values in `dtype` (None: as
+    the layers compute them)."""
     from transformers.cache_utils import Cache
 
-    cache = Cache(layer_class_to_replicate=_growing_layer_class())
-    for i, layer in enumerate(source.layers if source is not None else []):
-        cache.update(layer.keys, layer.values, i)
-    return cache
+    return Cache(layer_class_to_replicate=_growing_layer_class(dtype))
 
 
-@functools.lru_cache(maxsize=1)
-def _growing_layer_class():
+@functools.lru_cache(maxsize=4)
+def _growing_layer_class(dtype=None):
     import torch
     from transformers.cache_utils import DynamicLayer
 
     class GrowingLayer(DynamicLayer):
         """Keys and values in buffers with room to grow along the sequence: a pass writes its positions in place
         and the layer hands out views, where transformers' DynamicLayer concatenates, copying the whole cache of
-        every layer on every pass (6-9% of a CPU decode's operator time at batch 100)."""
+        every layer on every pass (6-9% of a CPU decode's operator time at batch 100). With a `store_dtype`, each
+        pass's new positions are rounded to it on the way in (a bf16 cache for attention.HALF)."""
+        store_dtype = dtype
+
+        def __init__(self, room=None):
+            super().__init__()
+            self._room = room  # called with the first keys written: the (keys, values) buffers to grow in
+
+        def seed(self, k, v, length: int) -> None:
+            """Grow in the buffers `k` and `v`, whose first `length` positions are filled."""
+            self.device, self.is_initialized, self._room = k.device, True, None
+            self._k, self._v = k, v
+            self.keys, self.values = k[:, :, :length], v[:, :, :length]
 
         def update(self, key_states, value_states, *args, **kwargs):
+            if self.store_dtype is not None:
+                key_states, value_states = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
-                self._k = self._v = None
+                self._k, self._v = self._room(key_states) if self._room is not None else (None, None)
             n, t = self.get_seq_length(), key_states.shape[-2]
             with torch.inference_mode():  # an inference-only cache: its buffers may be made in or out of it
                 if self._k is None or n + t > self._k.shape[-2]:

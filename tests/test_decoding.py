@@ -181,6 +181,46 @@ def test_packed_gqa_attention_is_sdpa_without_copying_the_cache():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_half_products_attention_is_close_to_fp32_sdpa():
+    """Attention's two products over a bf16 cache (attention.HALF): within bf16 rounding of fp32 sdpa, for passes
+    of one and several positions, holes in the mask, no mask (transformers drops it for one position, or for
+    causal attention over as many keys as queries), a row that sees no key (left padding: no
+    NaN), and batches cut into slices; over an fp32 cache it is the packed fp32 attention, exactly."""
+    import torch
+    from types import SimpleNamespace
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from jsonextract import attention
+    from jsonextract.attention import packed_gqa_half_products, packed_gqa_sdpa
+
+    torch.manual_seed(0)
+    for groups, T, L, masked in [(3, 4, 20, True), (3, 1, 9, True), (1, 5, 5, True), (2, 6, 6, False), (2, 1, 7, False)]:
+        module = SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+        q, k, v = torch.randn(5, 2 * groups, T, 16), torch.randn(5, 2, L, 16), torch.randn(5, 2, L, 16)
+        mask = None
+        if masked:
+            mask = torch.rand(5, 1, T, L) > 0.3
+            mask[..., 0] = True
+        want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+        got, _ = packed_gqa_half_products(module, q, k.bfloat16(), v.bfloat16(), mask, scaling=0.25)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=0.05)
+        assert (got - want).abs().max() > 0  # rounded: the bf16 path ran
+        same, _ = packed_gqa_half_products(module, q, k, v, mask, scaling=0.25)  # fp32 cache: the fp32 attention
+        assert torch.equal(same, packed_gqa_sdpa(module, q, k, v, mask, scaling=0.25)[0])
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    q, k, v = torch.randn(4, 6, 3, 16), torch.randn(4, 2, 8, 16).bfloat16(), torch.randn(4, 2, 8, 16).bfloat16()
+    mask = torch.ones(4, 1, 3, 8, dtype=torch.bool)
+    mask[1, :, 0] = False  # a padding position that sees nothing
+    whole, _ = packed_gqa_half_products(module, q, k, v, mask)
+    assert torch.isfinite(whole).all()
+    old = attention.SCORES_PER_CHUNK
+    try:
+        attention.SCORES_PER_CHUNK = 6 * 3 * 8  # one row at a time
+        assert torch.equal(packed_gqa_half_products(module, q, k, v, mask)[0], whole)
+    finally:
+        attention.SCORES_PER_CHUNK = old
+
+
 def test_gqa_model_decodes_with_packed_attention_as_with_sdpa(tiny_model, snips_schema, tmp_path):
     """A model with grouped query heads (SmolLM2: 9 over 3) is loaded for inference with the packed attention, and
     the decoding loop's outputs, jump-forward passes of several positions included, are those of sdpa's."""
