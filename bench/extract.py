@@ -8,11 +8,13 @@ run, on each data set given (SNIPS and Restaurant-8k test by default, with the m
   unconstrained, the dequantised weights step by step, the defaults with the whole prompt in one left-padded pass
   instead of length groups, and the defaults at the batch job's batch size (configs/extract/cpu.yaml), with and
   without length groups, with the model's own full vocabulary projection instead of the loop's
-  (`generation.VocabHead`: allowed tokens only), and with transformers' own sdpa attention;
+  (`generation.VocabHead`: allowed tokens only), with transformers' own sdpa attention, and where the defaults run
+  attention's products in bf16 (`attention.HALF`), with the packed attention in fp32;
 - the Ray Data job (rayjobs/extract.py, configs/extract/cpu.yaml, 2 actors) on the previous path (as the job was
   configured before: generate(), NF4, transformers' sdpa, batch 32) against the defaults (the config's), first on an empty
   merged-weights cache (the replicas build the adapter's merged weights and write them), then again (the
-  replicas read them: what every later job of that adapter does).
+  replicas read them: what every later job of that adapter does); where the defaults run in bf16, also the job with
+  attention in fp32 and the job in fp32 weights.
 
     .venv/bin/python bench/extract.py [--sets snips=artifacts/adapters/snips,restaurant8k=artifacts/adapters/restaurant8k]
                                       [--records 96] [--job-records 400] [--ablations]
@@ -62,6 +64,7 @@ FIRST_LOAD = "Ray Data job, defaults, first load of the adapter (merged weights 
 DEFAULTS_JOB = "Ray Data job, defaults"
 FP32 = "defaults in fp32 weights (model.inference_dtype=float32)"
 WHOLE_BF16 = "defaults with the whole model cast to bf16 (residual stream and cache too)"
+FP32_ATTENTION = "defaults with attention in fp32 (model.inference_attention=packed)"
 
 
 # ---------------------------------------------------------------------------------------------- variants
@@ -173,10 +176,12 @@ def one_prompt_pass():
 
 
 @contextlib.contextmanager
-def unpacked_attention(ex):
-    """transformers' own sdpa, which copies the key/value cache for every query head (model.inference_attention=sdpa)."""
+def attention_as(ex, name: str = "sdpa"):
+    """Another attention for the block: by default transformers' own sdpa, which copies the key/value cache for
+    every query head (model.inference_attention=sdpa); attention.NAME, the packed attention in the cache's dtype
+    (model.inference_attention=packed: fp32 where the defaults run attention's products in bf16)."""
     impl = ex.model.config._attn_implementation
-    ex.model.set_attn_implementation("sdpa")
+    ex.model.set_attn_implementation(name)
     try:
         yield
     finally:
@@ -206,6 +211,7 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     recs = [json.loads(l) for l in lines]
     texts, targets = [r["text"] for r in recs], [r.get("target") for r in recs]
     import torch
+    from jsonextract import attention
     from jsonextract.precision import matmul_dtype
 
     schema = data / "schema.json"
@@ -213,7 +219,7 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     probe = pass_probe(model, 1), pass_probe(model, 32), pass_probe(model, 32, dtype="bfloat16")  # before the rest
     ex = extractor(model, adapter, schema, "nf4", max_new)
     ex.extract(texts[:2])  # warm-up: grammar compilation, first-call allocations
-    with unpacked_attention(ex):
+    with attention_as(ex):
         rows[BASELINE] = run_variant(ex, texts, targets, **REFERENCE)
         rows["decoding loop, step by step, NF4"] = run_variant(ex, texts, targets, engine="loop", **STEP)
         rows["+ jump-forward"] = run_variant(ex, texts, targets, jump_forward=True, prefix_cache=False)
@@ -235,20 +241,25 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     with model_projection():
         rows[f"defaults, batch {JOB_BATCH}, the model's full vocabulary projection"] = run_variant(
             ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
-    with unpacked_attention(ex):
+    with attention_as(ex):
         rows[f"defaults, batch {JOB_BATCH}, transformers' sdpa (cache copied per query head)"] = run_variant(
             ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     dtype = str(matmul_dtype(ex.model)).removeprefix("torch.")
+    if ex.model.config._attn_implementation == attention.HALF:  # attention's products in bf16: the same in fp32
+        with attention_as(ex, attention.NAME):
+            rows[f"{FP32_ATTENTION}, batch {JOB_BATCH}"] = run_variant(ex, texts, targets,
+                                                                     **{**DEFAULTS, "batch_size": JOB_BATCH})
     if dtype != "float32":  # auto chose bf16 (measured faster here): the same in fp32 weights
         del ex
         ex = extractor(model, adapter, schema, "dequantized", max_new, dtype="float32")
         ex.extract(texts[:2])
         rows[FP32] = run_variant(ex, texts, targets, **DEFAULTS)
         rows[f"{FP32}, batch {JOB_BATCH}"] = run_variant(ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
-        with unpacked_attention(ex):
+        with attention_as(ex):
             rows[f"{FP32}, batch {JOB_BATCH}, transformers' sdpa"] = run_variant(
                 ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
         ex.model.to(torch.bfloat16)  # the same fp32 merge, rounded once, but residual stream and cache in bf16 too
+        attention.set_inference_attention(ex.model, "auto")  # what model.dtype=bfloat16 loads with
         ex.weights_changed()
         rows[f"{WHOLE_BF16}, batch {JOB_BATCH}"] = run_variant(ex, texts, targets, **{**DEFAULTS, "batch_size": JOB_BATCH})
     if ablations:  # the two choices of the jump-forward design, each undone alone
@@ -271,6 +282,8 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
             jobs[FIRST_LOAD] = ray_job(model, adapter, schema, inp, tmp / f"{name}-first", max_new, cache)
         jobs[DEFAULTS_JOB] = ray_job(model, adapter, schema, inp, tmp / f"{name}-fast", max_new, cache)
         if dtype != "float32":
+            jobs[f"Ray Data job, {FP32_ATTENTION}"] = ray_job(model, adapter, schema, inp, tmp / f"{name}-packed",
+                                                              max_new, [*cache, "model.inference_attention=packed"])
             jobs[f"Ray Data job, {FP32}"] = ray_job(model, adapter, schema, inp, tmp / f"{name}-fp32", max_new,
                                                     [*cache, "model.inference_dtype=float32"])
     return {"n": len(texts), "rows": rows, "jobs": jobs, "probe": probe, "adapter": adapter,
