@@ -359,6 +359,34 @@ def test_vocab_head_gives_the_full_projections_masked_argmax(extractor):
     assert VocabHead.for_model(wrapped) is None
 
 
+def test_vocab_head_in_bf16_gives_the_fp32_argmax(extractor):
+    """Where the decoder's products run in bf16, the full projection does too, and the tokens whose bf16 logit
+    is within rounding of the best are recomputed in fp32: the argmax is fp32's on rows where bf16's own argmax
+    is not, masked or not, and the log-probabilities stay close."""
+    import torch
+    import xgrammar as xgr
+    from jsonextract.generation import VocabHead, masked_argmax
+
+    model = extractor.model
+    weight = model.get_output_embeddings().weight
+    head = VocabHead(model.get_decoder(), weight, torch.bfloat16)
+    V = model.config.vocab_size
+    torch.manual_seed(0)
+    hidden = 6 * torch.randn(2000, model.config.hidden_size)  # logits of tens: bf16 steps of 0.06-0.25
+    full = hidden @ weight.detach().float().T
+    assert (full.bfloat16().float().argmax(-1) != full.argmax(-1)).any()  # bf16 alone would change tokens
+    tokens, lp = head.choose(hidden, None)
+    assert tokens == full.argmax(-1).tolist()
+    ref_lp = (full.max(-1).values - torch.logsumexp(full, -1)).tolist()
+    assert max(abs(a - b) for a, b in zip(lp, ref_lp)) < 0.05
+    bitmask = xgr.allocate_token_bitmask(len(hidden), V)  # every other token allowed, none in the last row
+    bitmask.fill_(0x55555555)
+    bitmask[-1] = 0
+    masked_tokens, _ = head.choose(hidden, bitmask)
+    ref_tokens, _ = masked_argmax(full.clone(), bitmask.clone())
+    assert masked_tokens[:-1] == ref_tokens[:-1] and all(t % 2 == 0 for t in masked_tokens[:-1])
+
+
 def test_vocab_head_runs_a_peft_models_active_lora_adapter(extractor):
     """Serve's unmerged LoRA adapters: the head projects from the PEFT model's decoder, whose layers apply the
     active adapter (or none when adapters are disabled); the loop's tokens are then PEFT's own generate()'s."""
