@@ -458,12 +458,13 @@ class VocabHead:
         best, lp = [0] * len(words), [0.0] * len(words)
         if few.any():
             rows = np.flatnonzero(few)
-            union = np.bitwise_or.reduce(words[rows], axis=0)
+            sub = words[rows]
+            union = np.bitwise_or.reduce(sub, axis=0)
             ids = np.flatnonzero(np.unpackbits(union.view(np.uint8), bitorder="little")[:self.weight.shape[0]])
             if len(ids) <= self.UNION:
                 idx = torch.from_numpy(rows)
                 lg = hidden[idx].to(self.weight.dtype) @ self.weight[torch.from_numpy(ids)].T  # [rows, union]
-                member = (words[rows][:, ids >> 5] >> (ids & 31).astype(np.uint32)) & 1
+                member = (sub[:, ids >> 5] >> (ids & 31).astype(np.uint32)) & 1
                 lg.masked_fill_(torch.from_numpy(member == 0), float("-inf"))
                 top = lg.max(1)
                 for r, t, v in zip(rows.tolist(), ids[top.indices.numpy()].tolist(),
@@ -526,12 +527,8 @@ def derived(weight, key, make):
     the model (SmolLM2's fp32 head copy: 27 ms; its bf16 copy); remade when the weight's storage or version
     changes (edits through `.data` are not seen: no inference path edits the head, which is cast after any
     merge)."""
-    import torch
-
     stamp = (weight._version, weight.data_ptr())
     cache = weight.__dict__.setdefault("_jsonextract_derived", {})
-    if key == torch.float32 and weight.dtype == torch.float32:
-        return weight.detach()
     if key not in cache or cache[key][0] != stamp:
         cache[key] = (stamp, make(weight))
     return cache[key][1]
