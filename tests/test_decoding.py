@@ -122,7 +122,36 @@ def test_jump_forward_gives_the_step_by_step_output_in_fewer_passes(extractor, s
         assert (a.confidence or {}).keys() == (b.confidence or {}).keys()
         assert all(abs(a.confidence[p] - b.confidence[p]) < 1e-4 for p in a.confidence or {})
     assert st1.accepted > 0 and st1.forward_passes < st0.forward_passes, (st0, st1)
-    assert st0.drafted == 0 and st0.output_tokens == st1.output_tokens
+    assert st0.drafted == 0 and st0.ended == 0 and st0.output_tokens == st1.output_tokens
+    if any(r.valid for r in step):  # a finished answer ends in tokens forced to the end: emitted without a pass
+        assert st1.ended > 0, st1
+
+
+@pytest.mark.parametrize("data", ["snips", "restaurant8k"])
+def test_forced_end_is_the_rest_of_the_answer_exactly_when_nothing_is_left_to_choose(extractor, data):
+    """Along each training target's tokens, `forced_end` returns None while a choice is still ahead, and once
+    none is, exactly the target's remaining tokens (closing braces, eos); where it returns None the matcher is as
+    before (the target's next tokens are still accepted)."""
+    import xgrammar as xgr
+    from jsonextract.generation import forced_end
+    from jsonextract.schema import load_schema
+    schema = load_schema(SNIPS.parent / data / "schema.json")
+    prompt = PromptBuilder(C.PromptConfig(), schema)
+    vocab = extractor.model.config.vocab_size
+    for r in [r for r in read_jsonl(SNIPS.parent / data / "train.jsonl") if r.ok][:12]:
+        ids = prompt.encode_answer(extractor.tokenizer, r.target)
+        matcher = xgr.GrammarMatcher(extractor.grammar(schema))
+        first = None
+        for i, t in enumerate(ids):
+            end = forced_end(matcher, vocab, limit=len(ids))
+            if end is not None:
+                first = i
+                assert end == ids[i:] and matcher.is_terminated(), (prompt.answer_text(r.target), i)
+                break
+            assert matcher.accept_token(t), (prompt.answer_text(r.target), i)
+        # the last choice is the closing of the last value or object: only braces and eos are forced after it
+        assert first is not None and 1 <= len(ids) - first <= 3, (prompt.answer_text(r.target), first, len(ids))
+        assert forced_end(xgr.GrammarMatcher(extractor.grammar(schema)), vocab, limit=len(ids)) is None
 
 
 def test_decoding_loop_matches_generate_token_for_token(extractor):
