@@ -189,8 +189,11 @@ class ExtractActor:
         print(f"[extract] replica ready on {device}: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def __call__(self, batch):
+        import time
+
         import pandas as pd
 
+        t0 = time.time()
         if self._die:  # TEST ONLY: simulate a crashed replica (process exit, like an OOM kill)
             os._exit(1)
         rows = batch.to_dict("records")
@@ -207,6 +210,10 @@ class ExtractActor:
                 results[i] = res
         out = pd.DataFrame([{**{k: r[k] for k in ("id", "source", "target")}, **res,
                              **{k: r[k] for k in r if k.startswith("pass_")}} for r, res in zip(rows, results)])
+        t1 = time.time()
+        print(f"[extract] replica {os.getpid()}: {len(rows)} rows in {t1 - t0:.1f} s ({len(rows) / max(t1 - t0, 1e-9):.1f} "
+              f"rows/s; {time.strftime('%H:%M:%S', time.localtime(t0))}-{time.strftime('%H:%M:%S', time.localtime(t1))})",
+              flush=True)
         return out
 
     def _token_groups(self, texts: list[str], idx: list[int]) -> list[list[int]]:
