@@ -209,6 +209,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
     rows = [_Row(xgr.GrammarMatcher(g) if grammars is not None else None, len(p) - 1)
             for p, g in zip(prompts, grammars or [None] * B)]
     jump_forward = drafter is not None and grammars is not None
+    one_row = xgr.allocate_token_bitmask(1, vocab_size) if jump_forward else None  # forced_end's scratch mask
     cost = cost or PassCost.for_device(device)
     gen = Generated([r.tokens for r in rows], [r.logprobs for r in rows])
     head = VocabHead.for_model(model)
@@ -291,7 +292,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
             #    the end of the output, the row's last tokens, emitted without feeding anything.
             r.draft = []
             if not r.done and jump_forward:
-                end = forced_end(r.matcher, vocab_size, max_new - len(r.tokens))
+                end = forced_end(r.matcher, one_row, max_new - len(r.tokens))
                 if end is not None:
                     r.tokens += end
                     r.logprobs += [0.0] * len(end)  # the masked distribution's only token
@@ -661,13 +662,14 @@ def _with_room(old, new, n: int, capacity: int):
     return buf
 
 
-def forced_end(matcher, vocab_size: int, limit: int) -> list[int] | None:
+def forced_end(matcher, bitmask, limit: int) -> list[int] | None:
     """The output's last tokens when the grammar allows exactly one token at each step from here to the stop token
     (a JSON answer's closing braces, then eos), at most `limit` of them; else None. The matcher ends having
     accepted them. Step-by-step decoding emits the same tokens, each the masked argmax over a single allowed token
     (log-probability 0), but feeds each one to the model first, and the token before them too: on Restaurant-8k
     the closing brace and eos after the last value, two of the 40-odd positions a row computes. Unlike a draft,
-    these need no check by the model: nothing after them is decoded."""
+    these need no check by the model: nothing after them is decoded. `bitmask`: a one-row xgrammar bitmask to
+    fill (scratch)."""
     import numpy as np
 
     s = matcher.find_jump_forward_string()
@@ -680,7 +682,7 @@ def forced_end(matcher, vocab_size: int, limit: int) -> list[int] | None:
         completed = matcher.is_completed()
     if not completed:  # the forced part ends before the grammar does: a choice follows it
         return None
-    bm = _one_row_bitmask(vocab_size)
+    bm = bitmask
     tokens: list[int] = []
     while len(tokens) < limit and not matcher.is_terminated():
         matcher.fill_next_token_bitmask(bm)
@@ -695,12 +697,6 @@ def forced_end(matcher, vocab_size: int, limit: int) -> list[int] | None:
             return None
         tokens.append(t)
     return tokens
-
-
-@functools.lru_cache(maxsize=4)
-def _one_row_bitmask(vocab_size: int):
-    import xgrammar as xgr
-    return xgr.allocate_token_bitmask(1, vocab_size)
 
 
 def _masks(matcher, draft: list[int], vocab_size: int):

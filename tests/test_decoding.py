@@ -137,13 +137,13 @@ def test_forced_end_is_the_rest_of_the_answer_exactly_when_nothing_is_left_to_ch
     from jsonextract.schema import load_schema
     schema = load_schema(SNIPS.parent / data / "schema.json")
     prompt = PromptBuilder(C.PromptConfig(), schema)
-    vocab = extractor.model.config.vocab_size
+    scratch = xgr.allocate_token_bitmask(1, extractor.model.config.vocab_size)
     for r in [r for r in read_jsonl(SNIPS.parent / data / "train.jsonl") if r.ok][:12]:
         ids = prompt.encode_answer(extractor.tokenizer, r.target)
         matcher = xgr.GrammarMatcher(extractor.grammar(schema))
         first = None
         for i, t in enumerate(ids):
-            end = forced_end(matcher, vocab, limit=len(ids))
+            end = forced_end(matcher, scratch, limit=len(ids))
             if end is not None:
                 first = i
                 assert end == ids[i:] and matcher.is_terminated(), (prompt.answer_text(r.target), i)
@@ -151,7 +151,7 @@ def test_forced_end_is_the_rest_of_the_answer_exactly_when_nothing_is_left_to_ch
             assert matcher.accept_token(t), (prompt.answer_text(r.target), i)
         # the last choice is the closing of the last value or object: only braces and eos are forced after it
         assert first is not None and 1 <= len(ids) - first <= 3, (prompt.answer_text(r.target), first, len(ids))
-        assert forced_end(xgr.GrammarMatcher(extractor.grammar(schema)), vocab, limit=len(ids)) is None
+        assert forced_end(xgr.GrammarMatcher(extractor.grammar(schema)), scratch, limit=len(ids)) is None
 
 
 def test_decoding_loop_matches_generate_token_for_token(extractor):
