@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import time
 from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
@@ -165,8 +166,6 @@ class ExtractActor:
     """One model copy per actor (map_batches on an actor pool). Never raises on a row: failures are error rows."""
 
     def __init__(self, cfg: ExtractConfig, schema: dict | None):
-        import time
-
         t0 = time.perf_counter()
         if cfg.fail_actor_once and not os.path.exists(cfg.fail_actor_once):
             Path(cfg.fail_actor_once).write_text("died once")
@@ -189,8 +188,6 @@ class ExtractActor:
         print(f"[extract] replica ready on {device}: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def __call__(self, batch):
-        import time
-
         import pandas as pd
 
         t0 = time.time()
@@ -211,9 +208,9 @@ class ExtractActor:
         out = pd.DataFrame([{**{k: r[k] for k in ("id", "source", "target")}, **res,
                              **{k: r[k] for k in r if k.startswith("pass_")}} for r, res in zip(rows, results)])
         t1 = time.time()
-        print(f"[extract] replica {os.getpid()}: {len(rows)} rows in {t1 - t0:.1f} s ({len(rows) / max(t1 - t0, 1e-9):.1f} "
-              f"rows/s; {time.strftime('%H:%M:%S', time.localtime(t0))}-{time.strftime('%H:%M:%S', time.localtime(t1))})",
-              flush=True)
+        span = "-".join(time.strftime("%H:%M:%S", time.localtime(t)) for t in (t0, t1))
+        print(f"[extract] replica {os.getpid()}: {len(rows)} rows in {t1 - t0:.1f} s "
+              f"({len(rows) / max(t1 - t0, 1e-9):.1f} rows/s; {span})", flush=True)
         return out
 
     def _token_groups(self, texts: list[str], idx: list[int]) -> list[list[int]]:

@@ -58,9 +58,9 @@ class Drafter:
         self.encode = functools.lru_cache(maxsize=4096)(
             lambda s: tuple(tokenizer.encode(s, add_special_tokens=False)[:-1]))
 
-    def __call__(self, matcher) -> list[int]:
-        s = matcher.find_jump_forward_string()
-        return list(self.encode(s)) if s else []
+    def __call__(self, forced: str) -> list[int]:
+        """The draft tokens of `forced`, a matcher's `find_jump_forward_string()`."""
+        return list(self.encode(forced)) if forced else []
 
 
 class PassCost:
@@ -292,14 +292,15 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
             #    the end of the output, the row's last tokens, emitted without feeding anything.
             r.draft = []
             if not r.done and jump_forward:
-                end = forced_end(r.matcher, one_row, max_new - len(r.tokens))
+                forced = r.matcher.find_jump_forward_string()
+                end = forced_end(r.matcher, one_row, max_new - len(r.tokens), forced)
                 if end is not None:
                     r.tokens += end
                     r.logprobs += [0.0] * len(end)  # the masked distribution's only token
                     gen.ended += len(end)
                     r.done = True
                 else:
-                    r.draft = drafter(r.matcher)[:max_new - len(r.tokens)]
+                    r.draft = drafter(forced)[:max_new - len(r.tokens)]
             if not r.done and grammars is not None:
                 r.draft, r.masks = _masks(r.matcher, r.draft, vocab_size)
         # 3. drop finished rows, feed the others: [last token] + draft, right-padded (padding = holes).
@@ -662,17 +663,17 @@ def _with_room(old, new, n: int, capacity: int):
     return buf
 
 
-def forced_end(matcher, bitmask, limit: int) -> list[int] | None:
+def forced_end(matcher, bitmask, limit: int, forced: str | None = None) -> list[int] | None:
     """The output's last tokens when the grammar allows exactly one token at each step from here to the stop token
     (a JSON answer's closing braces, then eos), at most `limit` of them; else None. The matcher ends having
     accepted them. Step-by-step decoding emits the same tokens, each the masked argmax over a single allowed token
     (log-probability 0), but feeds each one to the model first, and the token before them too: on Restaurant-8k
     the closing brace and eos after the last value, two of the 40-odd positions a row computes. Unlike a draft,
     these need no check by the model: nothing after them is decoded. `bitmask`: a one-row xgrammar bitmask to
-    fill (scratch)."""
+    fill (scratch); `forced`: the matcher's `find_jump_forward_string()`, when the caller has it already."""
     import numpy as np
 
-    s = matcher.find_jump_forward_string()
+    s = matcher.find_jump_forward_string() if forced is None else forced
     if s:
         if not matcher.accept_string(s):
             return None
@@ -682,16 +683,15 @@ def forced_end(matcher, bitmask, limit: int) -> list[int] | None:
         completed = matcher.is_completed()
     if not completed:  # the forced part ends before the grammar does: a choice follows it
         return None
-    bm = bitmask
     tokens: list[int] = []
     while len(tokens) < limit and not matcher.is_terminated():
-        matcher.fill_next_token_bitmask(bm)
-        words = bm.numpy().view(np.uint32)[0]
-        nz = np.flatnonzero(words)
-        if len(nz) != 1 or int(words[nz[0]]) & (int(words[nz[0]]) - 1):  # not exactly one token allowed
+        matcher.fill_next_token_bitmask(bitmask)
+        words = bitmask.numpy().view(np.uint32)[0]
+        if np.bitwise_count(words).sum() != 1:  # not exactly one token allowed
             matcher.rollback(len(tokens))
             return None
-        t = int(nz[0]) * 32 + int(words[nz[0]]).bit_length() - 1
+        w = int(np.flatnonzero(words)[0])
+        t = w * 32 + int(words[w]).bit_length() - 1
         if not matcher.accept_token(t):
             matcher.rollback(len(tokens))
             return None
