@@ -82,6 +82,8 @@ def to_row(cfg: ExtractConfig, rec: Record) -> dict:
     usable = rec.text is not None
     row = {"id": rec.id, "text": rec.text if usable else None,
            "target": json.dumps(rec.target, ensure_ascii=False) if rec.target is not None else None,
+           # JSON text: Ray Data's columns hold one type, and a context is an object or a string
+           "context": json.dumps(rec.context, ensure_ascii=False) if rec.context is not None else None,
            "error": None if usable else f"bad_input: {rec.error}", "source": rec.source}
     for c in cfg.passthrough_columns:
         v = rec.raw.get(c) if isinstance(rec.raw, dict) else None
@@ -93,7 +95,7 @@ def parse_file(item: dict, cfg: ExtractConfig) -> Iterator[dict]:
     """flat_map over read_binary_files rows: one pipeline row per record of the file, in file order."""
     path, data = item["path"], item["bytes"]
     name = PurePosixPath(path).name
-    cols = Columns(cfg.text_column, cfg.id_column, cfg.target_column)
+    cols = Columns(cfg.text_column, cfg.id_column, cfg.target_column, cfg.context_column)
     fmt = file_format(path, cfg.input_format)
     if fmt == "text":  # one document per file
         try:
@@ -147,7 +149,7 @@ def merge_chunks(objs: list[dict]) -> dict:
     return out
 
 
-NO_ANNOTATION = {"grounding": None, "confidence": None, "dropped": None}  # rows without an output
+NO_ANNOTATION = {"grounding": None, "confidence": None, "confidence_uncalibrated": None, "dropped": None}  # rows without an output
 
 
 def replica_device(gpus_per_actor: float) -> str:
@@ -175,6 +177,7 @@ class ExtractActor:
         from .decoding import Extractor
         from .model import load_for_inference
         from .prompt import PromptBuilder
+        from .temperature import temperature_of
 
         self.cfg = cfg
         device = replica_device(cfg.pool.gpus_per_actor)
@@ -183,7 +186,8 @@ class ExtractActor:
         self.tokenizer = lm.tokenizer
         budget = cfg.model.max_length - cfg.decoding.max_new_tokens
         self.extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema), cfg.decoding,
-                                   max_prompt_tokens=budget, truncate_input=cfg.long_text == "truncate")
+                                   max_prompt_tokens=budget, truncate_input=cfg.long_text == "truncate",
+                                   temperature=temperature_of(lm.manifest))
         self.overhead = len(self.extractor.prompt.encode_prompt(self.tokenizer, "").ids)
         print(f"[extract] replica ready on {device}: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -202,8 +206,9 @@ class ExtractActor:
                               "output_tokens": 0, "input_truncated": False, "chunks": 0} | NO_ANNOTATION
             else:
                 todo.append(i)
-        for group in self._token_groups([rows[i]["text"] for i in todo], todo):
-            for i, res in zip(group, self._extract([rows[i]["text"] for i in group])):
+        contexts = [json.loads(r["context"]) if r.get("context") else None for r in rows]
+        for group in self._token_groups([rows[i]["text"] + (rows[i].get("context") or "") for i in todo], todo):
+            for i, res in zip(group, self._extract([rows[i]["text"] for i in group], [contexts[i] for i in group])):
                 results[i] = res
         out = pd.DataFrame([{**{k: r[k] for k in ("id", "source", "target")}, **res,
                              **{k: r[k] for k in r if k.startswith("pass_")}} for r, res in zip(rows, results)])
@@ -229,29 +234,32 @@ class ExtractActor:
             longest = longest_new
         return groups + ([cur] if cur else [])
 
-    def _extract(self, texts: list[str]) -> list[dict]:
+    def _extract(self, texts: list[str], contexts: list) -> list[dict]:
         try:
-            results = [self._one_or_chunks(t, r) for t, r in zip(texts, self.extractor.extract(texts))]
+            results = [self._one_or_chunks(t, c, r)
+                       for t, c, r in zip(texts, contexts, self.extractor.extract(texts, contexts=contexts))]
         except Exception as e:  # a failure of the whole batch: retry row by row so one bad row cannot sink it
             if len(texts) == 1:
                 return [{"output": None, "valid": False, "error": f"internal: {type(e).__name__}: {e}",
                          "input_tokens": 0, "output_tokens": 0, "input_truncated": False, "chunks": 0}
                         | NO_ANNOTATION]
-            return [r for t in texts for r in self._extract([t])]
+            return [r for t, c in zip(texts, contexts) for r in self._extract([t], [c])]
         return results
 
-    def _one_or_chunks(self, text: str, res) -> dict:
+    def _one_or_chunks(self, text: str, context, res) -> dict:
         if self.cfg.long_text == "chunk" and res.reason == "input_too_long":
-            return self._chunked(text)
+            return self._chunked(text, context)
         return res.to_row() | {"chunks": 1}
 
-    def _chunked(self, text: str) -> dict:
+    def _chunked(self, text: str, context=None) -> dict:
         from .schema import validation_error
 
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        window = max(self.extractor.max_prompt_tokens - self.overhead - 8, 16)
+        overhead = len(self.extractor.prompt.encode_prompt(self.tokenizer, "", context=context).ids)
+        window = max(self.extractor.max_prompt_tokens - overhead - 8, 16)
         chunks = [self.tokenizer.decode(ids[i:i + window]) for i in range(0, len(ids), window)]
-        results = extract_in_batches(self.extractor, chunks, self.cfg.decoding.batch_size)
+        results = extract_in_batches(self.extractor, chunks, self.cfg.decoding.batch_size,
+                                     contexts=[context] * len(chunks))
         good = [r.output for r in results if r.valid]
         base = {"input_tokens": sum(r.input_tokens for r in results),
                 "output_tokens": sum(r.output_tokens for r in results), "input_truncated": False,
@@ -268,10 +276,13 @@ class ExtractActor:
         # Grounded against the whole text, so offsets are into the whole text. A value's confidence comes from
         # the chunk that first wrote its path.
         res = Result(order_like_schema(merged, schema), True, None,
-                     confidence={p: c for r in reversed(results) if r.valid for p, c in (r.confidence or {}).items()})
+                     confidence={p: c for r in reversed(results) if r.valid for p, c in (r.confidence or {}).items()},
+                     confidence_uncalibrated={p: c for r in reversed(results) if r.valid
+                                              for p, c in (r.confidence_uncalibrated or {}).items()} or None)
         apply_grounding(res, text, schema, self.cfg.decoding.grounding)
         row = res.to_row()
-        return base | {k: row[k] for k in ("output", "valid", "error", "grounding", "confidence", "dropped")}
+        return base | {k: row[k] for k in ("output", "valid", "error", "grounding", "confidence",
+                                            "confidence_uncalibrated", "dropped")}
 
 
 # ---------------------------------------------------------------------------------------------- output side

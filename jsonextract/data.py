@@ -1,6 +1,7 @@
 """Reading records and turning them into training examples.
 
-A record is `{"id": str, "text": str, "target": object?}`. Reading never crashes on a bad line: each line comes
+A record is `{"id": str, "text": str, "target": object?, "context": object or str?}`: the context is what the
+text answers (e.g. the slot a dialogue system just asked for); the prompt shows it next to the text. Reading never crashes on a bad line: each line comes
 back as a Record whose `error` says what is wrong and where (file and line), so a job can refuse the file with a
 clear message or count the line as skipped.
 """
@@ -22,6 +23,7 @@ class Record:
     source: str = ""  # "file:line" the record came from
     error: str | None = None  # why the record is unusable (None when it is fine)
     raw: Any = field(default=None, repr=False, compare=False)  # the parsed input object (pass-through columns)
+    context: dict | str | None = None  # what the text answers, shown to the model beside it (prompt.context_text)
 
     @property
     def ok(self) -> bool:
@@ -34,6 +36,7 @@ class Columns:
     text: str = "text"
     id: str = "id"
     target: str = "target"
+    context: str = "context"
 
 
 def check_record(obj: Any, source: str, fallback_id: str, need_target: bool = False,
@@ -63,7 +66,29 @@ def check_record(obj: Any, source: str, fallback_id: str, need_target: bool = Fa
     if target is not None and not isinstance(target, dict):
         return Record(rid, text, None, source, f"{source}: '{cols.target}' is {type(target).__name__}, not an object",
                       obj)
-    return Record(rid, text, target, source, raw=obj)
+    context, problem = parse_context(obj.get(cols.context))
+    if problem:
+        return Record(rid, None, None, source, f"{source}: '{cols.context}' {problem}", obj)
+    return Record(rid, text, target, source, raw=obj, context=context)
+
+
+def parse_context(value: Any) -> tuple[dict | str | None, str | None]:
+    """(context, None) or (None, what is wrong). A context is a JSON object or a string; a string that holds a
+    JSON object (a CSV cell, a Parquet string column) is that object, so the model sees one rendering of it.
+    Null, NaN (a missing CSV/Parquet cell) and an empty string are no context."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None, None
+    if isinstance(value, str):
+        if value.lstrip().startswith("{"):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                return value, None
+            return (parsed, None) if isinstance(parsed, dict) else (value, None)
+        return (value if value.strip() else None), None
+    if isinstance(value, dict):
+        return value, None
+    return None, f"is {type(value).__name__}, not an object or string"
 
 
 def parse_jsonl(lines: Iterable[bytes], path: str, need_target: bool = False,

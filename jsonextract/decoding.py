@@ -36,7 +36,8 @@ class Result:
     output_tokens: int = 0
     input_truncated: bool = False  # the source text was cut to fit the context
     grounding: dict | None = None  # {path: {"start", "end", "match"} | {"match": "label"} | None} (grounding.py)
-    confidence: dict | None = None  # {path: probability of the tokens that wrote the value}
+    confidence: dict | None = None  # {path: probability of the tokens that wrote the value} (calibrated)
+    confidence_uncalibrated: dict | None = None  # the same at temperature 1, where a calibration temperature is set
     dropped: list | None = None  # paths removed by grounding=drop_ungrounded
 
     @property
@@ -49,7 +50,8 @@ class Result:
         return {"output": canonical_json(self.output) if self.output is not None else None, "valid": self.valid,
                 "error": self.error, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "input_truncated": self.input_truncated, "grounding": js(self.grounding),
-                "confidence": js(self.confidence), "dropped": js(self.dropped)}
+                "confidence": js(self.confidence), "confidence_uncalibrated": js(self.confidence_uncalibrated),
+                "dropped": js(self.dropped)}
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Extractor:
     max_prompt_tokens: int = 448
     truncate_input: bool = True  # False: an over-long text is an `input_too_long` error instead of being cut
     grammar_cache_size: int = 256  # compiled grammars kept (LRU): a server sees a new schema with many requests
+    temperature: float = 1.0  # confidence calibration: token log-probabilities at this temperature (the adapter's, calibration.temperature_of)
     _compiler: Any = None
 
     def __post_init__(self) -> None:
@@ -110,17 +113,20 @@ class Extractor:
             raise SchemaError(f"unsupported JSON Schema feature: {e}") from None
 
     def extract(self, texts: list[str], schemas: list[dict | None] | None = None,
-                max_new_tokens: int | None = None, grounding: str | None = None) -> list[Result]:
+                max_new_tokens: int | None = None, grounding: str | None = None,
+                contexts: list | None = None) -> list[Result]:
         """One Result per text, in order, from one generate() call: the caller decides what a batch is
         (@serve.batch, the batch actor's token groups, `extract_in_batches`). `grounding`: the policy
-        (default: decoding.grounding)."""
+        (default: decoding.grounding). `contexts`: per text, what it answers (object, string or None), shown in
+        the prompt; grounding points into the text only."""
         schemas = schemas or [None] * len(texts)
+        contexts = contexts or [None] * len(texts)
         max_new = max_new_tokens or self.cfg.max_new_tokens
         results: list[Result | None] = [None] * len(texts)
         rows: list[tuple[int, list[int], dict | None, bool]] = []
-        for i, (text, schema) in enumerate(zip(texts, schemas)):
+        for i, (text, schema, context) in enumerate(zip(texts, schemas, contexts)):
             schema = schema if schema is not None else self.default_schema
-            enc = self.prompt.encode_prompt(self.tokenizer, text, schema, self.max_prompt_tokens)
+            enc = self.prompt.encode_prompt(self.tokenizer, text, schema, self.max_prompt_tokens, context)
             if enc.truncated and not self.truncate_input:
                 results[i] = Result(None, False, "input_too_long: text exceeds the context budget of "
                                     f"{self.max_prompt_tokens} prompt tokens", input_tokens=len(enc.ids))
@@ -146,6 +152,7 @@ class Extractor:
             grammars = [self.grammar(r[2]) for r in rows]
         common = dict(max_new=max_new, eos_id=eos, pad_id=pad, grammars=grammars,
                       vocab_size=self.model.config.vocab_size)
+        common["temperature"] = self.temperature
         if self.cfg.engine == "generate":
             gen = reference_generate(self.model, [r[1] for r in rows], **common)
         else:
@@ -154,10 +161,13 @@ class Extractor:
                                   prefix=self._prefix if self.cfg.prefix_cache else None, **common)
         self.stats.add(gen)
         out = []
-        for toks, lps, r in zip(gen.tokens, gen.logprobs, rows):
+        raw = gen.raw_logprobs or gen.logprobs
+        for toks, lps, lps1, r in zip(gen.tokens, gen.logprobs, raw, rows):
             res = self._finish(toks, r[2], eos, pad, max_new)
             if res.valid and policy != "off":  # the call's policy, not only the config's
                 res.confidence = self._confidence(res, toks, lps, r[2])
+                if self.temperature != 1.0:
+                    res.confidence_uncalibrated = self._confidence(res, toks, lps1, r[2])
             out.append(res)
         return out
 
@@ -197,7 +207,7 @@ def apply_grounding(res: Result, text: str, schema: dict | None, policy: str) ->
     """Add grounding to a valid result, and under drop_ungrounded remove the free-text values not in the text."""
     from .grounding import drop_ungrounded, ground
     if policy == "off":
-        res.confidence = None
+        res.confidence = res.confidence_uncalibrated = None
         return
     res.grounding = ground(res.output, text, schema)
     if policy == "drop_ungrounded":
@@ -205,18 +215,22 @@ def apply_grounding(res: Result, text: str, schema: dict | None, policy: str) ->
         if res.dropped:
             res.grounding = ground(res.output, text, schema)  # list elements after a removed one moved up
             shifted = tuple(p.rsplit("[", 1)[0] + "[" for p in res.dropped if p.endswith("]"))
-            res.confidence = {p: c for p, c in (res.confidence or {}).items()
-                              if p not in res.dropped and not p.startswith(shifted or ("\0",))}
+            keep = lambda p: p not in res.dropped and not p.startswith(shifted or ("\0",))  # noqa: E731
+            res.confidence = {p: c for p, c in (res.confidence or {}).items() if keep(p)}
+            if res.confidence_uncalibrated is not None:
+                res.confidence_uncalibrated = {p: c for p, c in res.confidence_uncalibrated.items() if keep(p)}
 
 
 def extract_in_batches(extractor: Extractor, texts: list[str], batch_size: int,
-                       max_new_tokens: int | None = None) -> list[Result]:
+                       max_new_tokens: int | None = None, contexts: list | None = None) -> list[Result]:
     """For callers that batch by count (the dev decoder, predict, chunks of one long text, benchmarks). Texts of
     similar length share a batch (less left padding); results come back in input order."""
+    contexts = contexts or [None] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[Result | None] = [None] * len(texts)
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
-        for i, r in zip(idx, extractor.extract([texts[i] for i in idx], max_new_tokens=max_new_tokens)):
+        for i, r in zip(idx, extractor.extract([texts[i] for i in idx], max_new_tokens=max_new_tokens,
+                                               contexts=[contexts[i] for i in idx])):
             out[i] = r
     return out  # type: ignore[return-value]

@@ -34,6 +34,7 @@ class ExtractConfig:
     text_column: str = "text"  # column/key holding the document text
     id_column: str = "id"  # column/key holding the record id (missing ids get "<file>:<row>")
     target_column: str = "target"  # gold object column; when present the job scores itself
+    context_column: str = "context"  # optional column/key: what the text answers (a JSON object or a string), shown to the model beside the text; any other type is an error row
     passthrough_columns: tuple[str, ...] = ()  # input columns copied to the output unchanged
     long_text: Literal["chunk", "truncate", "error"] = "chunk"  # texts over the context: split+merge, cut, or error row
     resume: bool = True  # skip ids already written to `output`; false = start over (its result files are deleted first)

@@ -18,13 +18,14 @@ from .decoding import Extractor, extract_in_batches
 from .model import load_for_inference, resolve_device
 from .prompt import PromptBuilder
 from .schema import load_schema
+from .temperature import temperature_of
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=C.ModelConfig().name, help="base model id or path (ignored with --adapter)")
     ap.add_argument("--adapter", help="adapter directory written by the training job")
-    ap.add_argument("--data", required=True, help="input JSONL of {id, text}")
+    ap.add_argument("--data", required=True, help="input JSONL of {id, text, context?}")
     ap.add_argument("--schema", help="JSON Schema (default: the adapter's, else schema.json next to the data)")
     ap.add_argument("--out", required=True, help="output JSONL")
     ap.add_argument("--limit", type=int, default=0, help="only the first N records")
@@ -34,12 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     lm = load_for_inference(C.ModelConfig(name=args.model), args.adapter, resolve_device(args.device))
     schema = load_schema(args.schema) if args.schema else lm.schema or load_schema(Path(args.data).with_name("schema.json"))
     ex = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema),
-                   C.DecodingConfig(max_new_tokens=args.max_new_tokens))
+                   C.DecodingConfig(max_new_tokens=args.max_new_tokens), temperature=temperature_of(lm.manifest))
     records = list(read_jsonl(args.data))
     records = records[: args.limit] if args.limit else records
     good = [r for r in records if r.ok]
     t0 = time.time()
-    results = dict(zip([r.id for r in good], extract_in_batches(ex, [r.text for r in good], ex.cfg.batch_size)))
+    results = dict(zip([r.id for r in good], extract_in_batches(ex, [r.text for r in good], ex.cfg.batch_size,
+                                                                      contexts=[r.context for r in good])))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for r in records:

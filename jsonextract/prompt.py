@@ -1,7 +1,7 @@
 """The only place prompt text is built. Training, batch extraction and serving all call PromptBuilder, so the
 model sees the same tokens everywhere.
 
-Layout: chat messages (system = instruction [+ compact schema], user = source text), rendered with the
+Layout: chat messages (system = instruction [+ compact schema], user = [context line +] source text), rendered with the
 tokenizer's chat template when it has one, else PLAIN_TEMPLATE. Training appends the canonical target JSON and
 eos as separate tokens after the rendered prompt; inference generates from the rendered prompt. Because both
 tokenise the same prompt string on its own, the prompt tokens are identical by construction (a test checks it).
@@ -17,13 +17,21 @@ from typing import Any
 from .config import PromptConfig
 from .schema import canonical_json, load_schema, order_like_schema
 
-PROMPT_VERSION = "1"
+PROMPT_VERSION = "2"  # 2: an optional context line before the text
 
 PLAIN_TEMPLATE = "### Instruction:\n{system}\n\n### Input:\n{user}\n\n### Response:\n"
 
 
 def load_dataset_schema(data_dir: str | Path) -> dict:
     return load_schema(Path(data_dir) / "schema.json")
+
+
+def context_text(context: Any) -> str | None:
+    """How the prompt writes a context: a string as it is, an object as compact JSON in its own key order (the
+    order the data gives), nothing for None."""
+    if context is None:
+        return None
+    return context if isinstance(context, str) else canonical_json(context)
 
 
 @dataclass(frozen=True)
@@ -43,11 +51,13 @@ class PromptBuilder:
             return f"{self.cfg.instruction}\nJSON Schema: {canonical_json(schema)}"
         return self.cfg.instruction
 
-    def messages(self, text: str, schema: dict | None = None) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.instruction_text(schema)}, {"role": "user", "content": text}]
+    def messages(self, text: str, schema: dict | None = None, context: Any = None) -> list[dict[str, str]]:
+        ctx = context_text(context)
+        user = text if ctx is None else f"Context: {ctx}\n{text}"
+        return [{"role": "system", "content": self.instruction_text(schema)}, {"role": "user", "content": user}]
 
-    def render(self, tokenizer: Any, text: str, schema: dict | None = None) -> str:
-        msgs = self.messages(text, schema)
+    def render(self, tokenizer: Any, text: str, schema: dict | None = None, context: Any = None) -> str:
+        msgs = self.messages(text, schema, context)
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return PLAIN_TEMPLATE.format(system=msgs[0]["content"], user=msgs[1]["content"])
@@ -59,16 +69,17 @@ class PromptBuilder:
         return list(tokenizer(rendered, add_special_tokens=add_special)["input_ids"])
 
     def encode_prompt(self, tokenizer: Any, text: str, schema: dict | None = None,
-                      max_tokens: int | None = None) -> EncodedPrompt:
-        """Prompt token ids; if longer than `max_tokens`, the source text is cut (from the end) and flagged."""
-        ids = self._encode(tokenizer, self.render(tokenizer, text, schema))
+                      max_tokens: int | None = None, context: Any = None) -> EncodedPrompt:
+        """Prompt token ids; if longer than `max_tokens`, the source text is cut (from the end) and flagged. The
+        context is never cut."""
+        ids = self._encode(tokenizer, self.render(tokenizer, text, schema, context))
         if max_tokens is None or len(ids) <= max_tokens:
             return EncodedPrompt(ids, False)
         text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         keep = max(len(text_ids) - (len(ids) - max_tokens), 0)
         for _ in range(8):  # decoding/re-encoding can shift a few tokens; shrink until it fits
             cut = tokenizer.decode(text_ids[:keep])
-            ids = self._encode(tokenizer, self.render(tokenizer, cut, schema))
+            ids = self._encode(tokenizer, self.render(tokenizer, cut, schema, context))
             if len(ids) <= max_tokens or keep == 0:
                 break
             keep = max(keep - (len(ids) - max_tokens) - 1, 0)
@@ -82,11 +93,11 @@ class PromptBuilder:
         return list(tokenizer(self.answer_text(target, schema), add_special_tokens=False)["input_ids"]) + \
             [tokenizer.eos_token_id]
 
-    def encode_example(self, tokenizer: Any, text: str, target: Any, max_length: int):
+    def encode_example(self, tokenizer: Any, text: str, target: Any, max_length: int, context: Any = None):
         """(input_ids, labels) with labels -100 on the prompt; None if prompt + answer exceed max_length."""
         from .data import Example
 
-        prompt = self.encode_prompt(tokenizer, text).ids
+        prompt = self.encode_prompt(tokenizer, text, context=context).ids
         answer = self.encode_answer(tokenizer, target)
         if len(prompt) + len(answer) > max_length:
             return None

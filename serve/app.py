@@ -25,7 +25,7 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +34,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from jsonextract.config import build
+from jsonextract.data import parse_context
+from jsonextract.prompt import context_text
 from jsonextract.serve_config import LimitsConfig, ServeConfig
 
 # ---------------------------------------------------------------------------------------------- API types
@@ -41,6 +43,9 @@ from jsonextract.serve_config import LimitsConfig, ServeConfig
 
 class ExtractRequest(BaseModel):
     text: str = Field(..., description="the document to extract from")
+    context: Optional[Union[dict[str, Any], str]] = Field(
+        None, description='what the text answers, shown to the model beside it (e.g. {"requested_slots": ["time"]} '
+                          'for a reply to "what time?"); an object or a string; grounding points into text only')
     schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="JSON Schema (default: the adapter's)")
     adapter: Optional[str] = Field(None, description="adapter name from GET /adapters (default: the deployment's)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="generation budget for this request")
@@ -94,6 +99,13 @@ class ChatRequest(BaseModel):
     temperature: Optional[float] = None
 
     model_config = {"extra": "allow"}  # OpenAI clients send fields we ignore (n, stream=False, seed, ...)
+
+
+def message_text(content: Any) -> Any:
+    """A chat message's text: a string, or content parts [{"type": "text", "text": ...}] joined."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text", ""), str))
+    return content
 
 
 class RequestError(Exception):
@@ -162,12 +174,14 @@ class Model:
 
     def extractor(self, adapter) -> Any:
         from jsonextract.decoding import Extractor
+        from jsonextract.temperature import temperature_of
         ex = self.extractors.get(adapter.name)
         if ex is None or ex.prompt is not adapter.prompt:
             shared = next(iter(self.extractors.values()))._compiler if self.extractors else None
             ex = Extractor(self.lm.model, self.lm.tokenizer, adapter.prompt, self.cfg.decoding,
                            max_prompt_tokens=self.cfg.model.max_length - self.cfg.decoding.max_new_tokens,
-                           truncate_input=self.cfg.long_text == "truncate", _compiler=shared)
+                           truncate_input=self.cfg.long_text == "truncate", _compiler=shared,
+                           temperature=temperature_of(adapter.manifest))
             self.extractors[adapter.name] = ex
         return ex
 
@@ -261,7 +275,8 @@ class Model:
             with self.lm.active(name) as model:
                 ex.model = model
                 results = ex.extract([items[i]["text"] for i in idx], [items[i].get("schema") for i in idx],
-                                     max_new_tokens=budget, grounding=grounding)
+                                     max_new_tokens=budget, grounding=grounding,
+                                     contexts=[items[i].get("context") for i in idx])
             for i, r in zip(idx, results):
                 if r.reason == "input_too_long":
                     out[i] = {"status": 413, "detail": f"text too long: {r.error}"}
@@ -401,9 +416,12 @@ class Api:
             raise HTTPException(400, "text must be a non-empty string")
         check_unicode(req.text, "text")
         check_unicode(req.schema_, "schema")
-        if len(req.text) > self.limits.max_text_chars:
-            raise HTTPException(413, f"text too long: {len(req.text)} characters, over this deployment's limit of "
-                                     f"{self.limits.max_text_chars}")
+        check_unicode(req.context, "context")
+        context, _ = parse_context(req.context)  # the type is checked by the request model (422)
+        chars = len(req.text) + len(context_text(context) or "")
+        if chars > self.limits.max_text_chars:
+            raise HTTPException(413, f"text too long: {chars} characters (text and context), over this deployment's "
+                                     f"limit of {self.limits.max_text_chars}")
         budget = req.max_new_tokens or self.cfg.decoding.max_new_tokens
         if budget > self.limits.max_new_tokens:
             raise HTTPException(400, f"max_new_tokens {budget} is over this deployment's limit "
@@ -418,7 +436,8 @@ class Api:
                 raise HTTPException(400, 'the schema\'s root must be an object schema ({"type": "object", ...})')
         name = self.adapter_name(req.adapter)
         t0 = time.perf_counter()
-        res = await self.call_model(name, {"text": req.text, "schema": req.schema_, "max_new_tokens": budget,
+        res = await self.call_model(name, {"text": req.text, "context": context, "schema": req.schema_,
+                                           "max_new_tokens": budget,
                                            "grounding": req.grounding or self.cfg.decoding.grounding})
         if "status" in res:
             raise HTTPException(res["status"], res["detail"])
@@ -458,13 +477,13 @@ class Api:
     @app.post("/v1/chat/completions", responses=ERRORS,
               summary="OpenAI-compatible structured output (response_format json_schema)")
     async def chat(self, req: ChatRequest) -> dict:
-        users = [m for m in req.messages if m.role == "user"]
+        users = [i for i, m in enumerate(req.messages) if m.role == "user"]
         if not users:
             raise HTTPException(400, "messages must contain a user message with the text")
-        content = users[-1].content
-        if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict)
-                              and isinstance(p.get("text", ""), str))
+        content = message_text(req.messages[users[-1]].content)
+        # The assistant turn the text answers (the question a dialogue system asked) is its context.
+        asked = [m for m in req.messages[:users[-1]] if m.role == "assistant"]
+        context = message_text(asked[-1].content) if asked else None
         schema = None
         rf = req.response_format or {}
         if rf.get("type") == "json_schema":
@@ -475,7 +494,7 @@ class Api:
             raise HTTPException(400, f"unsupported response_format type {str(rf.get('type'))[:40]!r}")
         model = req.model if req.model not in (None, "", "jsonextract") else None
         res = await self._one(ExtractRequest(text=content if isinstance(content, str) else "", schema=schema,
-                                             adapter=model,
+                                             adapter=model, context=context if isinstance(context, str) else None,
                                              max_new_tokens=req.max_completion_tokens or req.max_tokens))
         if not res["valid"] and not (res["error"] or "").startswith("truncated"):
             raise HTTPException(422, f"the model's output did not validate: {res['error']}")

@@ -1,4 +1,5 @@
 """Batch-job pieces that need no Ray: input resolution (paths, globs, URIs), per-file parsing, batch sizing, chunk merging."""
+import json
 import math
 
 import pytest
@@ -37,6 +38,23 @@ def test_parse_csv_rows_get_stable_ids_and_errors():
     rows = list(parse_file({"path": "/d/x.csv", "bytes": b"doc,text\n,hello\nk2,\n"}, cfg))
     assert rows[0]["id"] == "x.csv:0" and rows[0]["text"] == "hello" and rows[0]["error"] is None
     assert rows[1]["id"] == "k2" and "empty" in rows[1]["error"]
+
+
+def test_context_column_is_an_object_or_a_string_and_anything_else_is_an_error_row():
+    """CSV cells are strings: one holding a JSON object is that object, so the model sees one rendering of it."""
+    csv = (b'id,text,ask\n'
+           b'a,13,"{""requested_slots"": [""time""]}"\n'
+           b'b,13,how many people?\n'
+           b'c,13,\n')
+    rows = list(parse_file({"path": "/d/x.csv", "bytes": csv}, ExtractConfig(context_column="ask")))
+    assert [r["error"] for r in rows] == [None, None, None]
+    assert [json.loads(r["context"]) if r["context"] else None for r in rows] == [
+        {"requested_slots": ["time"]}, "how many people?", None]
+    jsonl = b'{"id": "d", "text": "13", "context": ["time"]}\n{"id": "e", "text": "13", "context": 5}\n'
+    bad = list(parse_file({"path": "/d/y.jsonl", "bytes": jsonl}, ExtractConfig()))
+    assert [r["id"] for r in bad] == ["d", "e"]
+    assert "'context' is list, not an object or string" in bad[0]["error"] and bad[0]["text"] is None
+    assert "'context' is int" in bad[1]["error"]
 
 
 @pytest.mark.parametrize("replicas", [1, 2, 3, 8])

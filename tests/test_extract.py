@@ -27,7 +27,9 @@ MALFORMED = [
     b'["an", "array", "not", "an", "object"]',
     b'{"id": "m-bytes", "text": "caf\xe9 \xff\xfe"}',
     b'{"id": "m-cut", "text": "I need a table for',
+    b'{"id": "m-context", "text": "13", "context": ["time"]}',
 ]
+PLAIN_13 = b'{"id": "plain-13", "text": "13"}'  # restaurant8k-test-00000 is "13" asked for a time: same text, no context
 
 
 def run(cfg_overrides: list[str]) -> list[dict]:
@@ -63,7 +65,7 @@ def base_overrides(tiny_model, out: Path, **extra) -> list[str]:
 @pytest.fixture(scope="module")
 def r8k_input(tmp_path_factory) -> Path:
     lines = (R8K / "test.jsonl").read_bytes().splitlines()[:200]
-    mixed = lines[:50] + MALFORMED[:5] + lines[50:150] + MALFORMED[5:] + lines[150:]
+    mixed = lines[:50] + MALFORMED[:5] + lines[50:150] + MALFORMED[5:] + [PLAIN_13] + lines[150:]
     p = tmp_path_factory.mktemp("in") / "r8k_mixed.jsonl"
     p.write_bytes(b"\n".join(mixed) + b"\n")
     return p
@@ -71,16 +73,21 @@ def r8k_input(tmp_path_factory) -> Path:
 
 def test_every_row_out_exactly_once_with_error_rows(ray_session, tiny_model, r8k_input, tmp_path, capsys):
     rows = run(base_overrides(tiny_model, tmp_path / "out", input=r8k_input))
-    # 210 rows, at most 32 a batch, 2 replicas: 8 batches of 27 (4 each), not 6 x 32 + 18 (4 batches for one, 3 for the other)
-    assert "about 210 rows to extract, in batches of 27 on 2 replica(s)" in capsys.readouterr().out
-    assert len(rows) == 210 and len({r["id"] for r in rows}) == 210
+    # 212 rows, at most 32 a batch, 2 replicas: 8 batches of 27 (4 each), not 6 x 32 + 20 (4 batches for one, 3 for the other)
+    assert "about 212 rows to extract, in batches of 27 on 2 replica(s)" in capsys.readouterr().out
+    assert len(rows) == 212 and len({r["id"] for r in rows}) == 212
     gold_ids = {json.loads(l)["id"] for l in (R8K / "test.jsonl").read_text().splitlines()[:200]}
     assert gold_ids <= {r["id"] for r in rows}
-    bad = [r for r in rows if r["id"] not in gold_ids]
-    assert len(bad) == 10 and all(not r["valid"] and r["error"].startswith("bad_input:") for r in bad)
+    bad = [r for r in rows if r["id"] not in gold_ids | {"plain-13"}]
+    assert len(bad) == 11 and all(not r["valid"] and r["error"].startswith("bad_input:") for r in bad)
     reasons = " ".join(r["error"] for r in bad)
-    for what in ("not valid JSON", "missing 'text'", "is empty", "not a string", "not an object", "not UTF-8"):
+    for what in ("not valid JSON", "missing 'text'", "is empty", "not a string", "not an object", "not UTF-8",
+                 "'context' is list, not an object or string"):
         assert what in reasons
+    # rows with and without context share the job's batches; the context is in the prompt of its own row only
+    by_id = {r["id"]: r for r in rows}
+    asked, plain = by_id["restaurant8k-test-00000"], by_id["plain-13"]
+    assert asked["input_tokens"] > plain["input_tokens"] > 0
     assert any(r["id"] == "r8k_mixed.jsonl:51" for r in bad)  # no id: stable "<file>:<line>"
     schema = load_schema(R8K / "schema.json")
     for r in rows:
@@ -89,8 +96,8 @@ def test_every_row_out_exactly_once_with_error_rows(ray_session, tiny_model, r8k
         else:
             assert r["output"] is None and r["error"]
     summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
-    assert summary["rows_in"] == 210 and summary["rows_written"] == 210
-    assert sum(summary["errors_by_reason"].values()) == 210 - summary["valid"]
+    assert summary["rows_in"] == 212 and summary["rows_written"] == 212
+    assert sum(summary["errors_by_reason"].values()) == 212 - summary["valid"]
     metrics = json.loads((tmp_path / "out" / "_metrics.json").read_text())
     assert metrics["n"] == 200  # gold targets present: the job scored itself
 

@@ -42,6 +42,32 @@ def test_training_and_inference_prompts_are_identical(tiny_model, default_base, 
     assert ('"properties"' in with_schema) == include_schema
 
 
+@pytest.mark.parametrize("base", ["tiny", "smollm2"])
+def test_context_is_rendered_identically_in_training_and_inference(tiny_model, default_base, base):
+    """Restaurant-8k records that answer a question carry it as context: the same prompt tokens in training and
+    inference, the context shown before the text, and a record without context renders as before."""
+    from conftest import R8K
+    from jsonextract.schema import load_schema
+    tok = load_tokenizer(str(tiny_model if base == "tiny" else default_base))
+    pb = PromptBuilder(C.PromptConfig(), load_schema(R8K / "schema.json"))
+    recs = [r for r in read_jsonl(R8K / "train.jsonl") if r.ok][:200]
+    with_ctx = [r for r in recs if r.context is not None]
+    assert with_ctx and len(with_ctx) < len(recs)
+    for r in recs:
+        ex = pb.encode_example(tok, r.text, r.target, 2048, r.context)
+        infer = pb.encode_prompt(tok, r.text, context=r.context).ids
+        assert ex.input_ids[:len(infer)] == infer and all(l == -100 for l in ex.labels[:len(infer)])
+        if r.context is None:
+            assert infer == pb.encode_prompt(tok, r.text).ids
+    r = with_ctx[0]
+    rendered = pb.render(tok, r.text, context=r.context)
+    assert 'Context: {"requested_slots":[' in rendered and rendered.index("Context:") < rendered.rindex(r.text)
+    assert pb.render(tok, "13", context={"requested_slots": ["time"]}) != pb.render(tok, "13", context={"requested_slots": ["people"]})
+    # a long text is cut, the context never
+    cut = pb.encode_prompt(tok, "word " * 400, max_tokens=60, context="what time?")
+    assert cut.truncated and len(cut.ids) <= 60 and "Context: what time?" in tok.decode(cut.ids)
+
+
 def test_plain_template_when_tokenizer_has_none(tiny_model, snips_schema):
     tok = load_tokenizer(str(tiny_model))
     tok.chat_template = None

@@ -45,6 +45,18 @@ def test_valid_request_validates_or_says_truncated(app, snips_schema):
     assert body["usage"]["input_tokens"] > 0 and body["usage"]["output_tokens"] > 0
 
 
+def test_context_goes_into_the_prompt_and_a_bad_one_is_a_422(app):
+    plain = post("/extract", {"text": "13", "max_new_tokens": 16})
+    asked = post("/extract", {"text": "13", "context": {"requested_slots": ["time"]}, "max_new_tokens": 16})
+    said = post("/extract", {"text": "13", "context": "For what time?", "max_new_tokens": 16})
+    assert plain.status_code == asked.status_code == said.status_code == 200, (plain.text, asked.text, said.text)
+    n = plain.json()["usage"]["input_tokens"]
+    assert asked.json()["usage"]["input_tokens"] > n and said.json()["usage"]["input_tokens"] > n
+    for bad in (["time"], 5, True):
+        r = post("/extract", {"text": "13", "context": bad})
+        assert r.status_code == 422 and "context" in r.text, r.text
+
+
 def test_request_schema_and_batch_route(app):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}
@@ -102,6 +114,12 @@ def test_openai_client_structured_output(app):
     content = json.loads(resp.choices[0].message.content)
     assert content["answer"] in ("yes", "no") and resp.choices[0].finish_reason == "stop"
     assert resp.usage.prompt_tokens > 0
+    # an earlier assistant turn (the question the text answers) is the context
+    asked = client.chat.completions.create(
+        model="jsonextract", messages=[{"role": "assistant", "content": "Shall I book it?"},
+                                       {"role": "user", "content": "is it raining?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    assert asked.usage.prompt_tokens > resp.usage.prompt_tokens
 
 
 def test_health_schema_and_openapi(app):
