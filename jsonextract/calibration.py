@@ -45,13 +45,15 @@ def grounding_metrics(pairs: Iterable[tuple[dict, Any]]) -> dict[str, Any] | Non
     grounding (a run with grounding=off)."""
     grounded, ungrounded = Counts(), Counts()
     annotate, dropped = Counts(), Counts()
-    buckets = [[0, 0.0, 0] for _ in BUCKETS[:-1]]  # count, confidence sum, correct
+    scored: list[tuple[float, bool]] = []  # (confidence, correct) per value
+    scored_t1: list[tuple[float, bool]] = []  # the same at temperature 1, where the adapter has a temperature
     seen = False
     for row, gold in pairs:
         g_items = flatten(gold) if gold is not None else set()
         out = _load(row.get("output")) if row.get("valid") else None
         grounding = _load(row.get("grounding")) or {}
         conf = _load(row.get("confidence")) or {}
+        conf_t1 = _load(row.get("confidence_uncalibrated")) or {}
         seen = seen or bool(grounding)
         kept_items, all_items = set(), set()
         for path, value in _leaf_values(out).items():
@@ -66,21 +68,20 @@ def grounding_metrics(pairs: Iterable[tuple[dict, Any]]) -> dict[str, Any] | Non
                 if g.get("match") != "label":
                     grounded.add(int(ok), int(not ok), 0)
             if path in conf:
-                b = min(sum(conf[path] >= edge for edge in BUCKETS[1:-1]), len(buckets) - 1)
-                buckets[b][0] += 1
-                buckets[b][1] += conf[path]
-                buckets[b][2] += int(ok)
+                scored.append((conf[path], ok))
+            if path in conf_t1:
+                scored_t1.append((conf_t1[path], ok))
         for counts, items in ((annotate, all_items), (dropped, kept_items)):
             counts.add(len(items & g_items), len(items - g_items), len(g_items - items))
     if not seen:
         return None
     n_free = grounded.tp + grounded.fp + ungrounded.tp + ungrounded.fp
-    total = sum(b[0] for b in buckets)
-    table = [{"bucket": f"[{lo:.2f}, {hi:.2f}{']' if hi == 1.0 else ')'}", "n": b[0],
-              "mean_confidence": b[1] / b[0] if b[0] else None, "accuracy": b[2] / b[0] if b[0] else None}
-             for (lo, hi), b in zip(zip(BUCKETS, BUCKETS[1:]), buckets)]
-    ece = sum(b[0] / total * abs(b[2] / b[0] - b[1] / b[0]) for b in buckets if b[0]) if total else None
-    return {
+    table, ece = calibration_table(scored)
+    before = {}
+    if scored_t1:  # confidences at the adapter's fitted temperature, and before it
+        before["calibration_uncalibrated"], before["expected_calibration_error_uncalibrated"] = \
+            calibration_table(scored_t1)
+    return before | {
         "free_text_values": n_free,
         "grounded_share": (grounded.tp + grounded.fp) / n_free if n_free else None,
         "precision_grounded": grounded.prf()["precision"] if grounded.tp + grounded.fp else None,
@@ -90,6 +91,23 @@ def grounding_metrics(pairs: Iterable[tuple[dict, Any]]) -> dict[str, Any] | Non
         "calibration": table,
         "expected_calibration_error": ece,
     }
+
+
+def calibration_table(scored: list[tuple[float, bool]]) -> tuple[list[dict], float | None]:
+    """(accuracy and mean confidence per confidence bucket, expected calibration error) of (confidence, correct)
+    pairs."""
+    buckets = [[0, 0.0, 0] for _ in BUCKETS[:-1]]  # count, confidence sum, correct
+    for c, ok in scored:
+        b = min(sum(c >= edge for edge in BUCKETS[1:-1]), len(buckets) - 1)
+        buckets[b][0] += 1
+        buckets[b][1] += c
+        buckets[b][2] += int(ok)
+    total = sum(b[0] for b in buckets)
+    table = [{"bucket": f"[{lo:.2f}, {hi:.2f}{']' if hi == 1.0 else ')'}", "n": b[0],
+              "mean_confidence": b[1] / b[0] if b[0] else None, "accuracy": b[2] / b[0] if b[0] else None}
+             for (lo, hi), b in zip(zip(BUCKETS, BUCKETS[1:]), buckets)]
+    ece = sum(b[0] / total * abs(b[2] / b[0] - b[1] / b[0]) for b in buckets if b[0]) if total else None
+    return table, ece
 
 
 def format_grounding(m: dict[str, Any]) -> str:
@@ -107,4 +125,6 @@ def format_grounding(m: dict[str, Any]) -> str:
     for b in m["calibration"]:
         lines.append(f"{b['bucket']:<16}{b['n']:>6}   {f(b['mean_confidence']):>8}  {f(b['accuracy']):>8}")
     lines.append(f"expected calibration error {f(m['expected_calibration_error'])}")
+    if m.get("calibration_uncalibrated"):
+        lines.append(f"  (before the adapter's temperature: {f(m['expected_calibration_error_uncalibrated'])})")
     return "\n".join(lines)

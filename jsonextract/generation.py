@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 @dataclass
 class Generated:
     tokens: list[list[int]]  # per row, the emitted tokens (eos last when the row ended)
-    logprobs: list[list[float]]  # per emitted token, its log-probability under the masked distribution
+    logprobs: list[list[float]]  # per emitted token, its log-probability under the masked distribution (at the temperature)
     forward_passes: int = 0  # model calls, prefix and prompt included
     drafted: int = 0  # tokens proposed by jump-forward
     accepted: int = 0  # drafted tokens the model confirmed: emitted without a forward pass of their own
     ended: int = 0  # tokens of forced endings (`forced_end`): emitted without any pass, the row done
     fed: int = 0  # positions the model computed (prompt and decode passes, padding included)
     padding: int = 0  # of which padding: no token (left padding, short chunks, finished rows kept by generate())
+    raw_logprobs: list[list[float]] | None = None  # the same at temperature 1 (None: equal to logprobs)
 
 
 class Drafter:
@@ -179,12 +180,13 @@ def common_prefix(rows: list[list[int]]) -> int:
 
 class _Row:
     """One row's decoding state: its matcher, what it emitted, and the draft it feeds next."""
-    __slots__ = ("matcher", "tokens", "logprobs", "pos", "draft", "masks", "done")
+    __slots__ = ("matcher", "tokens", "logprobs", "raw_logprobs", "pos", "draft", "masks", "done")
 
     def __init__(self, matcher, pos: int):
         self.matcher = matcher
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.raw_logprobs: list[float] = []  # at temperature 1
         self.pos = pos  # position id of the last token fed (the next one fed gets pos + 1 + accepted drafts)
         self.draft: list[int] = []
         self.masks = None  # bitmask rows: before each draft token, then after the last
@@ -193,9 +195,11 @@ class _Row:
 
 def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: int, pad_id: int,
                     grammars: list | None = None, vocab_size: int = 0, drafter: Drafter | None = None,
-                    prefix: PrefixCache | None = None, cost: PassCost | None = None) -> Generated:
+                    prefix: PrefixCache | None = None, cost: PassCost | None = None,
+                    temperature: float = 1.0) -> Generated:
     """Greedy continuation of each prompt, masked by its compiled grammar when `grammars` is given; jump-forward
-    when a `drafter` is given. `prefix`, `cost`: the prefix cache and pass-cost model kept between calls."""
+    when a `drafter` is given. `prefix`, `cost`: the prefix cache and pass-cost model kept between calls.
+    `temperature` scales the log-probabilities reported (the calibrated confidence), not the choice."""
     import time
 
     import torch
@@ -211,7 +215,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
     jump_forward = drafter is not None and grammars is not None
     one_row = xgr.allocate_token_bitmask(1, vocab_size) if jump_forward else None  # forced_end's scratch mask
     cost = cost or PassCost.for_device(device)
-    gen = Generated([r.tokens for r in rows], [r.logprobs for r in rows])
+    gen = Generated([r.tokens for r in rows], [r.logprobs for r in rows], raw_logprobs=[r.raw_logprobs for r in rows])
     head = VocabHead.for_model(model)
     kv_dtype = cache_dtype(model)  # bf16 where attention's products read it (attention.HALF), else as computed
 
@@ -264,7 +268,8 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
         sel = [(s, i) for s, j in enumerate(alive) for i in range(len(rows[j].draft) + 1)]
         flat = out[[s for s, _ in sel], [i for _, i in sel]]
         bitmask = torch.cat([rows[alive[s]].masks[i:i + 1] for s, i in sel]) if grammars is not None else None
-        best, lp = head.choose(flat, bitmask) if head is not None else masked_argmax(flat, bitmask)
+        best, lp, lp1 = (head.choose(flat, bitmask, temperature) if head is not None
+                         else masked_argmax(flat, bitmask, temperature))
         width = out.shape[1]
         k = 0
         for s, j in enumerate(alive):
@@ -273,6 +278,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
             take = next((i for i, d in enumerate(r.draft) if best[k + i] != d), n)
             r.tokens += r.draft[:take]
             r.logprobs += lp[k:k + take]
+            r.raw_logprobs += lp1[k:k + take]
             gen.accepted += take
             if take < n:  # rejected draft tokens: undo them in the matcher, mask their cache entries
                 r.matcher.rollback(n - take)
@@ -282,6 +288,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
                 tok = best[k + take]
                 r.tokens.append(tok)
                 r.logprobs.append(lp[k + take])
+                r.raw_logprobs.append(lp1[k + take])
                 if r.matcher is not None and not r.matcher.accept_token(tok):
                     r.done = True  # the grammar allowed nothing: the output is cut here and fails validation
                 if tok == eos_id or (r.matcher is not None and r.matcher.is_terminated()):
@@ -297,6 +304,7 @@ def greedy_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: in
                 if end is not None:
                     r.tokens += end
                     r.logprobs += [0.0] * len(end)  # the masked distribution's only token
+                    r.raw_logprobs += [0.0] * len(end)
                     gen.ended += len(end)
                     r.done = True
                 else:
@@ -364,15 +372,26 @@ def length_groups(lengths: list[int], overhead: float) -> list[list[int]]:
     return groups[::-1]
 
 
-def masked_argmax(logits, bitmask) -> tuple[list[int], list[float]]:
+def masked_argmax(logits, bitmask, temperature: float = 1.0) -> tuple[list[int], list[float], list[float]]:
     """Per row: the argmax of the logits the grammar's `bitmask` allows (None: all), and its log-probability
-    under the masked distribution (max - logsumexp, without a vocabulary-sized log_softmax)."""
-    import torch
-
+    under the masked distribution at `temperature` and at 1 (max - logsumexp, without a vocabulary-sized
+    log_softmax)."""
     if bitmask is not None:
         import xgrammar as xgr
         xgr.apply_token_bitmask_inplace(logits, bitmask)
-    return logits.argmax(-1).tolist(), (logits.max(-1).values - torch.logsumexp(logits, -1)).tolist()
+    top = logits.max(-1).values
+    return (logits.argmax(-1).tolist(), *log_probs(top, logits, temperature))
+
+
+def log_probs(top, logits, temperature: float) -> tuple[list[float], list[float]]:
+    """(log-probabilities of the `top` logits among each row of `logits` at `temperature`, and at 1). The argmax
+    does not depend on the temperature; the confidence reported does (calibration.fit_temperature)."""
+    import torch
+
+    at_one = (top - torch.logsumexp(logits, -1)).tolist()
+    if temperature == 1.0:
+        return at_one, at_one
+    return (top / temperature - torch.logsumexp(logits / temperature, -1)).tolist(), at_one
 
 
 class VocabHead:
@@ -458,17 +477,17 @@ class VocabHead:
         hidden = hidden.to(self.weight.dtype)
         return torch.cat([F.linear(hidden, w) for w in self.chunks], dim=1)
 
-    def choose(self, hidden, bitmask) -> tuple[list[int], list[float]]:
+    def choose(self, hidden, bitmask, temperature: float = 1.0) -> tuple[list[int], list[float], list[float]]:
         """`masked_argmax` of the projected `hidden` rows [n, hidden size] under `bitmask` [n, words] (or None)."""
         import numpy as np
         import torch
 
         if bitmask is None:
-            return self._choose_all(hidden, None)
+            return self._choose_all(hidden, None, temperature)
         words = bitmask.numpy().view(np.uint32)
         allowed = np.bitwise_count(words).sum(1)
         few = (allowed > 0) & (allowed <= self.FEW)
-        best, lp = [0] * len(words), [0.0] * len(words)
+        best, lp, lp1 = [0] * len(words), [0.0] * len(words), [0.0] * len(words)
         if few.any():
             rows = np.flatnonzero(few)
             sub = words[rows]
@@ -480,24 +499,24 @@ class VocabHead:
                 member = (sub[:, ids >> 5] >> (ids & 31).astype(np.uint32)) & 1
                 lg.masked_fill_(torch.from_numpy(member == 0), float("-inf"))
                 top = lg.max(1)
-                for r, t, v in zip(rows.tolist(), ids[top.indices.numpy()].tolist(),
-                                   (top.values - torch.logsumexp(lg, 1)).tolist()):
-                    best[r], lp[r] = t, v
+                for r, t, v, v1 in zip(rows.tolist(), ids[top.indices.numpy()].tolist(),
+                                       *log_probs(top.values, lg, temperature)):
+                    best[r], lp[r], lp1[r] = t, v, v1
             else:  # positions whose allowed tokens differ widely: the full projection
                 few[:] = False
         if not few.all():
             rows = np.flatnonzero(~few)
             idx = torch.from_numpy(rows)
-            for r, t, v in zip(rows.tolist(), *self._choose_all(hidden[idx], bitmask[idx])):
-                best[r], lp[r] = t, v
-        return best, lp
+            for r, t, v, v1 in zip(rows.tolist(), *self._choose_all(hidden[idx], bitmask[idx], temperature)):
+                best[r], lp[r], lp1[r] = t, v, v1
+        return best, lp, lp1
 
-    def _choose_all(self, hidden, bitmask) -> tuple[list[int], list[float]]:
+    def _choose_all(self, hidden, bitmask, temperature: float = 1.0) -> tuple[list[int], list[float], list[float]]:
         if self.half is None:
-            return masked_argmax(self.project(hidden), bitmask)
-        return self._choose_half(hidden, bitmask)
+            return masked_argmax(self.project(hidden), bitmask, temperature)
+        return self._choose_half(hidden, bitmask, temperature)
 
-    def _choose_half(self, hidden, bitmask) -> tuple[list[int], list[float]]:
+    def _choose_half(self, hidden, bitmask, temperature: float = 1.0) -> tuple[list[int], list[float], list[float]]:
         """The full projection in bf16, its argmax exact: a bf16 logit y of a token with weights w differs from the
         fp32 logit by at most 2^-8 |y| (the output's rounding; 2^-7 here, y being rounded itself) plus
         (2^-8 + weight rounding) |h| |w| (the input's and the weights' rounding, by Cauchy-Schwarz) plus fp32
@@ -532,7 +551,7 @@ class VocabHead:
         for r, t, v in zip(rows.tolist(), toks.tolist(), exact.tolist()):
             if v > values[r]:
                 tokens[r], values[r] = t, v
-        return tokens, (torch.tensor(values) - torch.logsumexp(lg, 1)).tolist()
+        return (tokens, *log_probs(torch.tensor(values), lg, temperature))
 
 
 def derived(weight, key, make):
@@ -721,8 +740,10 @@ class _GrammarMask:
     """Per-row grammar masks as a `generate()` logits processor, recording each step's masked log-probability
     of the greedy token (max - logsumexp, without a vocabulary-sized log_softmax)."""
 
-    def __init__(self, compiled: list | None, batch: int, vocab_size: int):
+    def __init__(self, compiled: list | None, batch: int, vocab_size: int, temperature: float = 1.0):
         self.matchers = None
+        self.temperature = temperature
+        self.raw: list = []
         if compiled is not None:
             import xgrammar as xgr
             self.xgr = xgr
@@ -748,12 +769,14 @@ class _GrammarMask:
             self.xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
             scores = scores.to(device)
         x = scores.float()
-        self.steps.append((x.max(-1).values - torch.logsumexp(x, -1)).cpu())
+        at_t, at_one = log_probs(x.max(-1).values, x, self.temperature)
+        self.steps.append(at_t)
+        self.raw.append(at_one)
         return scores
 
 
 def reference_generate(model, prompts: list[list[int]], *, max_new: int, eos_id: int, pad_id: int,
-                       grammars: list | None = None, vocab_size: int = 0) -> Generated:
+                       grammars: list | None = None, vocab_size: int = 0, temperature: float = 1.0) -> Generated:
     """The same greedy decoding through transformers' `generate()` with a grammar logits processor: one forward
     pass per token, every row until the longest ends. For architectures whose cache the loop above does not
     handle (recurrent or sliding-window state), and as the baseline the benchmark measures against."""
@@ -762,16 +785,17 @@ def reference_generate(model, prompts: list[list[int]], *, max_new: int, eos_id:
     n = max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (n - len(p)) + p for p in prompts])
     mask = (torch.arange(n) >= torch.tensor([n - len(p) for p in prompts]).unsqueeze(1)).long()
-    proc = _GrammarMask(grammars, len(prompts), vocab_size)
+    proc = _GrammarMask(grammars, len(prompts), vocab_size, temperature)
     device = next(model.parameters()).device
     with torch.inference_mode():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
                              do_sample=False, logits_processor=[proc], eos_token_id=eos_id, pad_token_id=pad_id)
-    tokens, logprobs = [], []
+    tokens, logprobs, raw = [], [], []
     for j, row in enumerate(out[:, n:].tolist()):
         row = row[:row.index(eos_id) + 1] if eos_id in row else [t for t in row if t != pad_id]
         tokens.append(row)
         logprobs.append([float(proc.steps[k][j]) for k in range(len(row))])
+        raw.append([float(proc.raw[k][j]) for k in range(len(row))])
     steps = len(proc.steps)
-    return Generated(tokens, logprobs, forward_passes=steps, fed=len(prompts) * (n + steps - 1),
+    return Generated(tokens, logprobs, raw_logprobs=raw, forward_passes=steps, fed=len(prompts) * (n + steps - 1),
                      padding=int((mask == 0).sum()) + sum(steps - len(t) for t in tokens))

@@ -113,15 +113,34 @@ def grounding_section(m: dict, out_dir: Path) -> list[str]:
         p = m[policy]
         parts.append(f"| {policy} | {p['precision']:.3f} | {p['recall']:.3f} | {p['f1']:.3f} |")
     parts += ["", "(drop_ungrounded here: the same outputs with the values not found in the text removed.)\n",
-              "| confidence | values | mean confidence | accuracy |", "|---|---:|---:|---:|"]
-    parts += [f"| {b['bucket']} | {b['n']} | {f(b['mean_confidence'])} | {f(b['accuracy'])} |"
-              for b in m["calibration"]]
-    parts.append(f"\nExpected calibration error: {f(m['expected_calibration_error'])}.\n")
+              ]
+    before = m.get("calibration_uncalibrated")
+    if before:  # the adapter has a fitted temperature: the same values' confidence before it, and after
+        parts += ["Confidence before and after the adapter's temperature (fitted on dev, "
+                  "jsonextract/temperature.py):\n",
+                  "| confidence | values before | mean conf. before | accuracy before | values after | "
+                  "mean conf. after | accuracy after |", "|---|---:|---:|---:|---:|---:|---:|"]
+        parts += [f"| {a['bucket']} | {a['n']} | {f(a['mean_confidence'])} | {f(a['accuracy'])} | {b['n']} | "
+                  f"{f(b['mean_confidence'])} | {f(b['accuracy'])} |" for a, b in zip(before, m["calibration"])]
+        parts.append(f"\nExpected calibration error: {f(m['expected_calibration_error_uncalibrated'])} before, "
+                     f"{f(m['expected_calibration_error'])} after.\n")
+    else:
+        parts += ["| confidence | values | mean confidence | accuracy |", "|---|---:|---:|---:|"]
+        parts += [f"| {b['bucket']} | {b['n']} | {f(b['mean_confidence'])} | {f(b['accuracy'])} |"
+                  for b in m["calibration"]]
+        parts.append(f"\nExpected calibration error: {f(m['expected_calibration_error'])}.\n")
     pts = [b for b in m["calibration"] if b["n"]]
     if pts:
         fig, ax = plt.subplots(figsize=(4.5, 4))
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
-        ax.plot([b["mean_confidence"] for b in pts], [b["accuracy"] for b in pts], marker="o")
+        if before:
+            old = [b for b in before if b["n"]]
+            ax.plot([b["mean_confidence"] for b in old], [b["accuracy"] for b in old], marker="x", ls=":",
+                    label="before temperature")
+        ax.plot([b["mean_confidence"] for b in pts], [b["accuracy"] for b in pts], marker="o",
+                label="reported" if before else None)
+        if before:
+            ax.legend()
         ax.set_xlabel("mean confidence")
         ax.set_ylabel("accuracy")
         ax.set_title("calibration (per confidence bucket)")

@@ -100,6 +100,15 @@ def main() -> int:
     t0 = time.time()
     ckpt, metrics = fit_with_ray(cfg) if cfg.run.use_ray else fit_locally(cfg)
     save_output(ckpt, cfg.run.output_dir)
+    if cfg.eval.calibration_records and cfg.data.dev_file:
+        from jsonextract.temperature import calibrate_adapter
+        t1 = time.time()
+        cal = calibrate_adapter(cfg.run.output_dir, cfg.model, cfg.decoding, cfg.data.dev_file,
+                                cfg.eval.calibration_records, cfg.model.max_length)
+        if cal["positions"]:
+            print(f"[train] confidence temperature {cal['temperature']:g} fitted on {cal['records']} dev records "
+                  f"({cal['positions']} answer positions with a choice): dev NLL {cal['dev_nll_at_1']:.4f} at 1 -> "
+                  f"{cal['dev_nll']:.4f} ({time.time() - t1:.0f}s)")
     shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     print(f"[train] done in {time.time() - t0:.0f}s: {shown}")
     print(f"[train] adapter written to {cfg.run.output_dir}")

@@ -378,8 +378,8 @@ def test_vocab_head_gives_the_full_projections_masked_argmax(extractor):
             bitmask[r, t // 32] |= torch.tensor(1 << (t % 32)).to(torch.int32)
     with torch.inference_mode():
         full = model.get_output_embeddings()(hidden).float()
-    ref_tokens, ref_lp = masked_argmax(full.clone(), bitmask.clone())
-    tokens, lp = head.choose(hidden, bitmask)
+    ref_tokens, ref_lp, _ = masked_argmax(full.clone(), bitmask.clone())
+    tokens, lp, _ = head.choose(hidden, bitmask)
     assert tokens == ref_tokens and all(t in ids for t, ids in zip(tokens, allowed))
     assert lp[0] == 0.0 and max(abs(a - b) for a, b in zip(lp, ref_lp)) < 1e-4
     assert head.choose(hidden, None)[0] == full.argmax(-1).tolist()  # unconstrained: chunked full projection
@@ -404,15 +404,15 @@ def test_vocab_head_in_bf16_gives_the_fp32_argmax(extractor):
     hidden = 6 * torch.randn(2000, model.config.hidden_size)  # logits of tens: bf16 steps of 0.06-0.25
     full = hidden @ weight.detach().float().T
     assert (full.bfloat16().float().argmax(-1) != full.argmax(-1)).any()  # bf16 alone would change tokens
-    tokens, lp = head.choose(hidden, None)
+    tokens, lp, _ = head.choose(hidden, None)
     assert tokens == full.argmax(-1).tolist()
     ref_lp = (full.max(-1).values - torch.logsumexp(full, -1)).tolist()
     assert max(abs(a - b) for a, b in zip(lp, ref_lp)) < 0.05
     bitmask = xgr.allocate_token_bitmask(len(hidden), V)  # every other token allowed, none in the last row
     bitmask.fill_(0x55555555)
     bitmask[-1] = 0
-    masked_tokens, _ = head.choose(hidden, bitmask)
-    ref_tokens, _ = masked_argmax(full.clone(), bitmask.clone())
+    masked_tokens = head.choose(hidden, bitmask)[0]
+    ref_tokens = masked_argmax(full.clone(), bitmask.clone())[0]
     assert masked_tokens[:-1] == ref_tokens[:-1] and all(t % 2 == 0 for t in masked_tokens[:-1])
 
 
