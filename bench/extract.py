@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from jsonextract.roofline import matmul_params, pass_seconds  # noqa: E402
+
 STEP = {"jump_forward": False, "prefix_cache": False}  # the decoding loop, one forward pass per token
 
 
@@ -122,46 +124,9 @@ def ray_job(model: str, adapter: str | None, schema_file: Path, inp: Path, out: 
             "f1": m["f1"], "valid": s["valid"] / s["rows_written"], "load_s": max(loads, default=float("nan"))}
 
 
-def pass_probe(model_dir: str, rows: int, reps: int = 5, dtype: str = "float32", budget_s: float = 2.0) -> float:
-    """Seconds of one pass of `rows` rows through matrices of the model's shapes (random fp32: every Linear of every
-    layer, then the output projection; no attention, norms or Python): what the hardware needs for the matmuls of
-    a pass, the weights read once. The best of `reps` passes, or of those that fit in `budget_s`: where bf16 is
-    emulated (no bf16 instructions: a pass of SmolLM2's shapes took 9.4 s on an AMD EPYC Zen 3 against 0.11 s in
-    fp32) one pass tells the rate, and five had cost the benchmark 75 s per data set."""
-    import torch
-
-    shapes = matmul_shapes(model_dir)
-    dt = getattr(torch, dtype)
-    weights = [torch.randn(a, b, dtype=dt) for a, b in shapes]  # distinct tensors: the pass reads them all from memory
-    x = {d: torch.randn(rows, d, dtype=dt) for d in {a for a, _ in shapes}}
-    best, start = float("inf"), time.perf_counter()
-    with torch.inference_mode():
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            for w in weights:
-                x[w.shape[0]] @ w
-            best = min(best, time.perf_counter() - t0)
-            if time.perf_counter() - start > budget_s:
-                break
-    return best
-
-
 def torch_threads() -> int:
     import torch
     return torch.get_num_threads()
-
-
-def matmul_shapes(model_dir: str) -> list[tuple[int, int]]:
-    """(in, out) of every matrix a token passes through: each layer's q, k, v, o, gate, up, down, then lm_head."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
-    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * L + [(h, v)]
-
-
-def matmul_params(model_dir: str) -> int:
-    """Weights a token passes through in matmuls: every Linear of the decoder plus the output projection."""
-    return sum(a * b for a, b in matmul_shapes(model_dir))
 
 
 # ---------------------------------------------------------------------------------------------- one data set
@@ -220,7 +185,7 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
 
     schema = data / "schema.json"
     rows: dict[str, dict] = {}
-    probe = pass_probe(model, 1), pass_probe(model, 32), pass_probe(model, 32, dtype="bfloat16")  # before the rest
+    probe = pass_seconds(model, 1), pass_seconds(model, 32), pass_seconds(model, 32, dtype="bfloat16")  # before the rest
     ex = extractor(model, adapter, schema, "nf4", max_new)
     ex.extract(texts[:2])  # warm-up: grammar compilation, first-call allocations
     with attention_as(ex):

@@ -1,13 +1,21 @@
-"""Training throughput: what each of the training loop's CPU measures buys, and the Ray Train job with 1 and 2
-workers (FSDP2), against the plain single-process PEFT loop (full logits, fp32) on the same base, data and batch
-size, in the same run. Prints a table.
+"""Training throughput: the training job as it is configured now against the previous job, side by side in one
+run on the same base, data, batch and steps, plus where one training step's time goes.
 
-    .venv/bin/python bench/train.py                 # SmolLM2-135M-Instruct base, 30 steps each (~25 min here)
+- Where the time goes: one process (no Ray, no FSDP), the job's defaults, a few steps profiled with
+  torch.profiler; each operator's own time is put in one part (4-bit dequantisation, LoRA branches, attention,
+  the base's projections, the vocabulary head and loss, dtype casts, optimizer, collectives, the rest), with the
+  forward / backward / optimizer split timed by the clock, and the padding share of the positions computed.
+- The jobs (rayjobs/train.py, Ray Train, FSDP2 over the NF4 base): the previous job (`PREVIOUS`: plain shuffle,
+  SDPA attention, the model's own logits), the defaults with 2 workers of 1 CPU, and the defaults with 1 worker
+  of 2 CPUs (unsharded).
+
+    .venv/bin/python bench/train.py                 # SmolLM2-135M-Instruct base, 30 steps of 32 per job (~20 min)
     .venv/bin/python bench/train.py --steps 12      # shorter
-    .venv/bin/python bench/train.py --quick         # tiny random model, a few steps of 4 sequences (what the tests run)
+    .venv/bin/python bench/train.py --quick         # tiny random model, a few steps (what the tests run)
 
 tokens/s counts every non-pad token processed over the steady state (the first logged interval, which includes
-start-up, is left out); start-up is the wall time minus training time. Peak RSS is per process (each worker's).
+start-up, is left out). The table goes to stdout and to bench/results/<cpu>-train.md. The last line is
+`speedup: training job tokens/s vs the previous job on the same machine = X.XXx`.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,113 +34,171 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "snips"
 BASE = "artifacts/base/smollm2-135m-instruct"
 
-# plain-loop variants: (label, loss on answer positions only, bf16 autocast)
-PLAIN = [("plain PEFT loop: full logits, fp32", False, False),
-         ("plain loop + logits at answer positions only", True, False),
-         ("plain loop + answer positions + bf16 autocast", True, True)]
+# The training job before the throughput work, reachable by settings.
+PREVIOUS = ["data.length_group_steps=0", "parallel.attention=sdpa", "optim.loss=logits"]
 
 
-def common(model: str, steps: int, log_every: int, batch: int, records: int) -> list[str]:
+def common(model: str, steps: int, log_every: int, records: int) -> list[str]:
     return [f"model.name={model}", "model.quantization=nf4", "model.max_length=256",
             f"data.train_file={DATA / 'train.jsonl'}", "data.dev_file=", f"data.max_train_records={records}",
-            f"optim.batch_size={batch}",
             f"optim.max_steps={steps}", "optim.warmup_steps=2", "eval.every_steps=0", "eval.decode_samples=0",
             "run.checkpoint_every_steps=0", f"run.log_every_steps={log_every}", "lora.r=16", "lora.alpha=32",
             "lora.dropout=0.0", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
 
 
-def plain_loop(overrides: list[str], answer_only: bool, bf16: bool) -> dict:
-    """Load, attach LoRA, AdamW, the job's micro-batches; no Ray, no torch.distributed, no FSDP."""
-    import contextlib
+PARTS = ["4-bit dequantisation", "base projections (matmul)", "LoRA branches (matmul)", "attention",
+         "vocabulary head + loss", "dtype casts (autocast)", "optimizer step", "collectives", "rest (norms, "
+         "activations, elementwise, framework)"]
 
+
+def part_of(name: str, shapes: list) -> str:
+    """Which part of a training step an operator's own time belongs to (by name and input shapes)."""
+    if "dequantize" in name:
+        return PARTS[0]
+    if name in ("aten::mm", "aten::addmm", "aten::linear", "aten::matmul"):
+        dims = [d for s in shapes if isinstance(s, list) for d in s]
+        if any(d >= 16384 for d in dims):  # a vocabulary-sized dimension
+            return PARTS[4]
+        if any(0 < d <= 64 for d in dims):  # the LoRA rank
+            return PARTS[2]
+        return PARTS[1]
+    if name in ("aten::bmm", "aten::baddbmm") or "attention" in name or "softmax" in name and "log" not in name:
+        return PARTS[3]
+    if "logsumexp" in name or "log_softmax" in name or "nll_loss" in name or "scatter" in name or "gather" in name:
+        return PARTS[4]
+    if name in ("aten::copy_", "aten::_to_copy", "aten::to"):
+        return PARTS[5]
+    if "c10d" in name or "gloo" in name or "all_gather" in name or "reduce_scatter" in name or "all_reduce" in name:
+        return PARTS[7]
+    if "_foreach" in name or "adam" in name.lower():
+        return PARTS[6]
+    return PARTS[8]
+
+
+def breakdown(overrides: list[str], steps: int) -> dict:
+    """One process, the defaults: clock times of forward / backward / optimizer, and the profiler's parts."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
+
     from jsonextract import config as C
+    from jsonextract.data import pad_batch
+    from jsonextract.loss import answer_loss
     from jsonextract.model import attach_lora, keep_4bit_layout, load_base, load_tokenizer
     from jsonextract.prompt import PromptBuilder
     from jsonextract.schema import load_schema
+    from jsonextract.distributed import Worker
     from jsonextract.train_config import TrainConfig
-    from jsonextract.data import pad_batch
     from jsonextract.train_data import check_records, micro_batches, tokenize
-    from jsonextract.training import answer_loss, peak_rss_mb
+    from jsonextract.training import autocast, train_attention
 
     cfg = C.load(TrainConfig, None, overrides)
+    worker = Worker(0, 1, 0, torch.device("cpu"), False)
     tok = load_tokenizer(cfg.model.name)
     records, _ = check_records(cfg.data.train_file, False, cfg.data.max_train_records)
     train, _ = tokenize(records, PromptBuilder(cfg.prompt, load_schema(DATA / "schema.json")), tok, cfg.model.max_length)
     torch.manual_seed(0)
-    model = attach_lora(load_base(cfg.model), cfg.lora)
+    base = load_base(cfg.model)
+    base.set_attn_implementation(train_attention(cfg, worker))
+    model = attach_lora(base, cfg.lora)
     keep_4bit_layout(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
-    times, tokens = [], []
-    for step in range(cfg.optim.max_steps):
-        t0, n = time.time(), 0.0
-        for mb in micro_batches(train, step, cfg, 0, 1):
+    clock: dict[str, float] = defaultdict(float)
+    tokens, positions, answers = 0.0, 0.0, 0.0
+
+    def step(s: int) -> None:
+        nonlocal tokens, positions, answers
+        for mb in micro_batches(train, s, cfg, 0, 1):
             b = pad_batch(mb, tok.pad_token_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                loss = answer_loss(model, b) if answer_only else model(**b).loss
+            t0 = time.perf_counter()
+            with autocast(cfg, worker):
+                loss = answer_loss(model, b, fused=cfg.optim.loss == "fused")
+            t1 = time.perf_counter()
             loss.backward()
-            n += float(b["attention_mask"].sum())
+            t2 = time.perf_counter()
+            clock["forward"] += t1 - t0
+            clock["backward"] += t2 - t1
+            tokens += float(b["attention_mask"].sum())
+            positions += b["attention_mask"].numel()
+            answers += float((b["labels"] != -100).sum())
+        t0 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.time() - t0)
-        tokens.append(n)
-    skip = cfg.run.log_every_steps  # same steady-state window as the job: leave out the first interval
-    return {"tokens_per_s": sum(tokens[skip:]) / sum(times[skip:]), "peak_rss_mb": peak_rss_mb(),
-            "wall_s": sum(times), "startup_s": 0.0}
+        clock["optimizer"] += time.perf_counter() - t0
+
+    for s in range(2):  # warm-up: kernels built for the first shapes
+        step(s)
+    clock.clear()
+    tokens = positions = answers = 0.0
+    for s in range(2, 2 + steps):  # timed by the clock alone: the profiler slows the many small operators
+        step(s)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        step(2 + steps)
+    scale = sum(clock.values()) / steps / max(sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6, 1e-9)
+    parts: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages(group_by_input_shape=True):
+        if ev.key.startswith(("autograd::", "Optimizer.", "ProfilerStep", "MatMul4Bit", "[memory]")):
+            continue  # ranges whose children carry the time
+        parts[part_of(ev.key, ev.input_shapes)] += ev.self_cpu_time_total / 1e6 * scale
+    # parts: the profiled step's shares of operator time, scaled to the clock's seconds per step
+    return {"clock": {k: v / steps for k, v in clock.items()}, "parts": dict(parts),
+            "tokens_per_step": tokens / steps, "pad_share": 1 - tokens / positions, "answer_share": answers / tokens}
 
 
-def plain(overrides: list[str], answer_only: bool, bf16: bool) -> dict:
-    """The plain loop in a child process, so its peak memory is its own."""
-    t0 = time.time()
-    r = subprocess.run([sys.executable, __file__, "--_plain", json.dumps([overrides, answer_only, bf16])],
+def in_child(overrides: list[str], steps: int) -> dict:
+    """`breakdown` in a child process: the profiler's records (gigabytes at these sizes) go with it."""
+    r = subprocess.run([sys.executable, __file__, "--_breakdown", json.dumps([overrides, steps])],
                        capture_output=True, text=True, timeout=3600)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
-    m = json.loads(r.stdout.strip().splitlines()[-1])
-    m["startup_s"] = time.time() - t0 - m["wall_s"]
-    m["wall_s"] = time.time() - t0
-    return m
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def job(overrides: list[str], workers: int, batch: int, tmp: Path, tag: str = "") -> dict:
-    out = tmp / f"adapter-{workers}{tag}"
-    # Ray sets OMP_NUM_THREADS to a worker's CPU reservation: give the workers all cores between them, as the
-    # plain loop has them.
-    cpus = max(2 // workers, 1)
+def job(overrides: list[str], workers: int, batch: int, tmp: Path, tag: str) -> dict:
+    out = tmp / f"adapter-{tag}"
+    # Ray sets OMP_NUM_THREADS to a worker's CPU reservation: the workers get all cores between them.
+    cpus = max((os.cpu_count() or 2) // workers, 1)
     cmd = [sys.executable, str(ROOT / "rayjobs" / "train.py"), *overrides, f"run.num_workers={workers}",
            f"run.cpus_per_worker={cpus}", f"optim.batch_size={batch // workers}",
-           f"run.name=bench-{workers}{tag}", f"run.storage_path={tmp / 'runs'}", f"run.output_dir={out}"]
+           f"run.name=bench-{tag}", f"run.storage_path={tmp / 'runs'}", f"run.output_dir={out}"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     wall = time.time() - t0
     if r.returncode != 0:
-        raise RuntimeError(f"job with {workers} workers failed:\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"job {tag} failed:\n{r.stderr[-3000:]}")
     hist = [h for h in json.loads((out / "history.json").read_text()) if "tokens_per_s" in h]
     steady = hist[1:] or hist
-    tps = sum(h["tokens_per_s"] for h in steady) / len(steady)
-    train_s = sum(h["interval_s"] for h in hist)
+    tps = sum(h["tokens_per_s"] * h["interval_s"] for h in steady) / sum(h["interval_s"] for h in steady)
     return {"tokens_per_s": tps, "peak_rss_mb": max(h["peak_rss_mb"] for h in hist), "wall_s": wall,
-            "startup_s": wall - train_s}
+            "loss": hist[-1]["loss"]}
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random model, a few steps per variant (the tests)")
     ap.add_argument("--model", help=f"base model (default: {BASE}; with --quick a tiny one built from SNIPS)")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps of 16 sequences (--quick: 4) per variant")
-    ap.add_argument("--_plain", help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps of 32 sequences (--quick: 6 of 8) per job")
+    ap.add_argument("--out", help="results file (default: bench/results/<cpu>-train.md; --quick: none)")
+    ap.add_argument("--_breakdown", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._plain:  # child process
-        overrides, answer_only, bf16 = json.loads(args._plain)
-        print(json.dumps(plain_loop(overrides, answer_only, bf16)))
+    if args._breakdown:  # child process
+        print(json.dumps(breakdown(*json.loads(args._breakdown))))
         return 0
-    # Quick: 4 sequences a step, so the bf16-autocast loop (emulated on CPUs without native bf16: 0.04x) stays short,
-    # and only the first 256 records, which is more than it trains on: tokenising all 13,065 took ~8 s per process.
-    steps, log_every, batch = (6, 2, 4) if args.quick else (args.steps, max(args.steps // 6, 1), 16)
-    records = 256 if args.quick else 0
+    steps, log_every, batch = (6, 2, 8) if args.quick else (args.steps, max(args.steps // 6, 1), 32)
+    records = 256 if args.quick else 0  # quick: tokenising all 13,065 records is most of a tiny run
+    from jsonextract.training import cpu_has_native_bf16
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         model = args.model
@@ -142,27 +209,76 @@ def main() -> int:
         elif not model:
             from jsonextract.base import ensure_base
             model = str(ensure_base(ROOT / BASE))
-        ov = common(model, steps, log_every, batch, records)
-        two_workers = f"Ray Train job, 2 workers (1 CPU each, FSDP2, batch {batch // 2} each)"
-        rows = {label: plain(ov, answer, bf16) for label, answer, bf16 in PLAIN}
-        rows["Ray Train job, 1 worker (2 CPUs, unsharded)"] = job(ov, 1, batch, tmp)
-        rows[two_workers] = job(ov, 2, batch, tmp)
-        # Activations are most of a worker's memory (measured: 1.1 GB after loading, 5.6 GB peak in the step).
-        ckpt = ["parallel.activation_checkpointing=true"]
-        rows["same + activation checkpointing"] = job(ov + ckpt, 2, batch, tmp, "-ckpt")
-    from jsonextract.training import cpu_has_native_bf16
-    base = rows[PLAIN[0][0]]["tokens_per_s"]
-    print(f"\nQLoRA (NF4, LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per step, "
-          f"{steps} steps; native bf16 on this CPU: {cpu_has_native_bf16()} (the jobs use bf16 autocast only then)\n")
-    print("| run | tokens/s | vs plain | peak RSS MB (per process) | wall s | start-up + final save s |")
-    print("|---|---:|---:|---:|---:|---:|")
+        ov = common(model, steps, log_every, records)
+        parts = {name: in_child(ov + extra + [f"optim.batch_size={batch // 2}"], 2 if args.quick else 6)
+                 for name, extra in [("previous", PREVIOUS), ("defaults", [])]}
+        rows = {"previous job (plain shuffle, SDPA, model logits), 2 workers x 1 CPU, FSDP2": job(ov + PREVIOUS, 2, batch, tmp, "previous"),
+                "defaults, 2 workers x 1 CPU, FSDP2": job(ov, 2, batch, tmp, "defaults-2"),
+                "defaults, 1 worker x 2 CPUs (unsharded)": job(ov, 1, batch, tmp, "defaults-1")}
+    lines = [f"# Training throughput ({cpu_name()}, {os.cpu_count()} CPUs; native bf16: {cpu_has_native_bf16()})", "",
+             f"`{' '.join(['.venv/bin/python', 'bench/train.py', *sys.argv[1:]])}` at commit {commit()}; QLoRA (NF4, "
+             f"LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per step.", "",
+             f"## Where a step's time goes (one process, no Ray, {batch // 2} sequences: a worker's share; seconds per step)", "",
+             "| part | previous job's settings | defaults |", "|---|---:|---:|"]
+    for k in ["forward", "backward", "optimizer"]:
+        lines.append(f"| clock: {k} | {parts['previous']['clock'].get(k, 0):.3f} | {parts['defaults']['clock'].get(k, 0):.3f} |")
+    for k in PARTS:
+        lines.append(f"| op time: {k} | {parts['previous']['parts'].get(k, 0):.3f} | {parts['defaults']['parts'].get(k, 0):.3f} |")
+    lines.append(f"| padding share of positions computed | {parts['previous']['pad_share']:.1%} | "
+                 f"{parts['defaults']['pad_share']:.1%} |")
+    lines.append(f"| tokens per second (one process) | {tps(parts['previous']):.0f} | {tps(parts['defaults']):.0f} |")
+    lines += ["", f"## The training job ({steps} steps; tokens/s over the steady state)", "",
+              "| job | tokens/s | vs previous | last loss | peak RSS MB per worker | wall s |", "|---|---:|---:|---:|---:|---:|"]
+    prev = rows[next(iter(rows))]["tokens_per_s"]
     for name, m in rows.items():
-        print(f"| {name} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / base:.2f}x | {m['peak_rss_mb']:.0f} | "
-              f"{m['wall_s']:.0f} | {m['startup_s']:.0f} |")
-    best = max(rows, key=lambda k: rows[k]["tokens_per_s"])
-    print(f"\nfastest: {best}; 2-worker job / plain full-logit fp32 loop tokens/s: "
-          f"{rows[two_workers]['tokens_per_s'] / base:.2f}x")
+        lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / prev:.2f}x | {m['loss']:.4f} | "
+                     f"{m['peak_rss_mb']:.0f} | {m['wall_s']:.0f} |")
+    lines += ["", roofline(model, parts["defaults"], rows, cpu_has_native_bf16())]
+    speedup = rows["defaults, 2 workers x 1 CPU, FSDP2"]["tokens_per_s"] / prev
+    lines += ["", f"speedup: training job tokens/s vs the previous job on the same machine = {speedup:.2f}x"]
+    text = "\n".join(lines)
+    print(text)
+    if not args.quick or args.out:
+        out = Path(args.out or ROOT / "bench" / "results" / f"{slug(cpu_name())}-train.md")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        print(f"\nwritten to {out}", file=sys.stderr)
     return 0
+
+
+def roofline(model: str, defaults: dict, rows: dict, bf16: bool) -> str:
+    """The matrix products a training token needs, against what this machine's probe does (jsonextract.roofline):
+    forward through every decoder Linear and its input gradient in backward (frozen weights: no weight gradient),
+    the LoRA branches (forward, input and weight gradients), and the vocabulary head at answer tokens only."""
+    from jsonextract.roofline import gflops, matmul_shapes
+    shapes = matmul_shapes(model)
+    head = shapes[-1][0] * shapes[-1][1]
+    decoder = sum(a * b for a, b in shapes[:-1])
+    lora = sum(16 * (a + b) for a, b in shapes[:-1])  # r=16 on the 7 projections of every layer
+    flops = 4 * decoder + 6 * lora + 4 * head * defaults["answer_share"]
+    dtype = "bfloat16" if bf16 else "float32"
+    rate = gflops(model, 512, dtype)
+    bound = rate * 1e9 / flops
+    shares = ", ".join(f"{name.split(',')[0] if 'previous' in name else name} {m['tokens_per_s'] / bound:.0%}"
+                       for name, m in rows.items())
+    return (f"roofline: {flops / 1e9:.3f} GFLOP of matrix products per training token (answer tokens "
+            f"{defaults['answer_share']:.0%} of all); the probe's 512-row pass in {dtype} runs at {rate:.0f} GFLOP/s "
+            f"on this machine, a bound of {bound:.0f} tokens/s. Jobs at: {shares}.")
+
+
+def tps(p: dict) -> float:
+    return p["tokens_per_step"] / max(sum(p["clock"].values()), 1e-9)
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    return (r.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
+def slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")
 
 
 if __name__ == "__main__":

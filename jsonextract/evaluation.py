@@ -7,6 +7,7 @@ import torch
 from .data import Example, pad_batch, spread
 from .decoding import extract_in_batches
 from .distributed import Worker, all_reduce_sum
+from .loss import answer_loss
 from .metrics import score_results
 from .model import attach_lora, load_base
 from .prompt import PromptBuilder
@@ -35,7 +36,7 @@ def mean_loss(model, examples: list[Example], batch_size: int, pad_id: int, work
             i = k * world + rank
             b = {n: v.to(device) for n, v in pad_batch(batches[min(i, len(batches) - 1)], pad_id).items()}
             tokens = float((b["labels"][:, 1:] != -100).sum()) if i < len(batches) else 0.0
-            total += float(model(**b).loss) * tokens
+            total += float(answer_loss(model, b)) * tokens
             count += tokens
     model.train(was_training)
     if worker is not None and world > 1:
@@ -66,7 +67,8 @@ class DevDecoder:
             raise RuntimeError(f"dev decoder: no parameter {unexpected[0]} in its model copy")
         self.model.eval()
         self.extractor.weights_changed()
-        results = extract_in_batches(self.extractor, [r.text for r in self.records], self.batch_size)
+        results = extract_in_batches(self.extractor, [r.text for r in self.records], self.batch_size,
+                                     contexts=[r.context for r in self.records])
         m = score_results(zip(results, [r.target for r in self.records]))
         out = {"dev_f1": m["f1"], "dev_exact_match": m["exact_match"], "dev_schema_valid": m["schema_valid_rate"]}
         for g, gm in m["groups"].items():

@@ -14,6 +14,7 @@ class TrainDataConfig:
     schema_file: str = ""  # JSON Schema of the targets (default: schema.json next to train_file)
     skip_bad_records: bool = False  # False: a malformed line stops the job before workers start; True: count + skip
     max_train_records: int = 0  # use only the first N good records (0 = all)
+    length_group_steps: int = 32  # sort each run of N steps' examples by length and deal them out as steps in random order, so a step pads little (0 or 1 = plain shuffle)
     cache_dir: str = "artifacts/cache/tokens"  # tokenised data, keyed by file, tokenizer and prompt; one worker per node writes it ("" = no cache)
 
 
@@ -30,6 +31,7 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 100  # optimizer steps in the whole run
     seed: int = 0  # data order and LoRA init
+    loss: Literal["fused", "logits"] = "fused"  # fused = the vocabulary projection and cross-entropy on answer tokens only, in one pass without a logits tensor (jsonextract/loss.py); logits = the model's logits at the answer positions of any row, then cross_entropy (same value)
 
     def __post_init__(self) -> None:
         if self.max_steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
@@ -41,6 +43,7 @@ class ParallelConfig:
     # More than one worker always trains under FSDP2: fully_shard per decoder layer, then the root module.
     mixed_precision: bool = True  # FSDP2 MixedPrecisionPolicy with model.dtype params, fp32 reduce (GPU only)
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
+    attention: Literal["auto", "sdpa", "eager"] = "auto"  # attention kernel in training: auto = eager on CPU workers (plain matrix products: faster than SDPA's CPU kernel for short sequences, backward included), sdpa on GPUs
     cpu_autocast: Literal["auto", "bf16", "off"] = "auto"  # CPU workers: matmuls in bf16 under torch.autocast, fp32 weights and loss (auto = where the CPU has native bf16)
 
 
@@ -49,6 +52,7 @@ class EvalConfig:
     every_steps: int = 50  # dev loss + extraction metrics every N steps, and at the end (0 = only at the end)
     loss_examples: int = 256  # dev records for dev loss, spread over the dev file, split over workers (0 = all)
     decode_samples: int = 64  # dev records decoded (constrained) and scored with the shared metrics (0 = none)
+    calibration_records: int = 256  # after training: dev records whose gold answers fit the confidence temperature written to the adapter's manifest (jsonextract/temperature.py; 0 = none)
 
 
 @dataclass(frozen=True)

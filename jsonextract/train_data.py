@@ -48,7 +48,7 @@ def tokenize(records: list, prompt: PromptBuilder, tokenizer: Any, max_length: i
     """Examples with answer-only labels; records longer than max_length are dropped and counted (never silently)."""
     out, too_long = [], 0
     for r in records:
-        ex = prompt.encode_example(tokenizer, r.text, r.target, max_length)
+        ex = prompt.encode_example(tokenizer, r.text, r.target, max_length, r.context)
         if ex is None:
             too_long += 1
         else:
@@ -119,11 +119,30 @@ def micro_batches(examples: list[Example], step: int, cfg: TrainConfig, rank: in
     per_step = cfg.optim.batch_size * cfg.optim.grad_accum * world
     per_epoch = max(len(examples) // per_step, 1)
     epoch, k = divmod(step, per_epoch)
-    order = list(range(len(examples)))
-    random.Random(cfg.optim.seed * 100003 + epoch).shuffle(order)
+    order = epoch_order([len(e) for e in examples], per_step, cfg.data.length_group_steps,
+                        cfg.optim.seed * 100003 + epoch)
     chunk = [examples[i % len(examples)] for i in order[k * per_step:(k + 1) * per_step]]
     mine = chunk[rank::world]
     # Group similar lengths into the same micro-batch: less padding, same examples per step.
     mine.sort(key=len)
     b = cfg.optim.batch_size
     return [mine[i:i + b] for i in range(0, len(mine), b)]
+
+
+def epoch_order(lengths: list[int], per_step: int, group_steps: int, seed: int) -> list[int]:
+    """One epoch's example order: a shuffle, then (group_steps > 1) each run of `group_steps` steps' examples
+    sorted by length, cut into steps, and those steps shuffled among themselves. A step then holds examples of
+    about one length, so padding to its longest wastes little, and which lengths come when stays random."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group_steps <= 1:
+        return order
+    out: list[int] = []
+    size = per_step * group_steps
+    for start in range(0, len(order), size):
+        group = sorted(order[start:start + size], key=lambda i: lengths[i])
+        steps = [group[j:j + per_step] for j in range(0, len(group), per_step)]
+        rng.shuffle(steps)
+        out.extend(i for s in steps for i in s)
+    return out

@@ -26,6 +26,7 @@ from .config import to_dict
 from .data import pad_batch
 from .distributed import Worker, all_reduce_sum, setup_distributed, shard_fsdp2
 from .evaluation import DevDecoder, dev_examples, mean_loss
+from .loss import answer_loss
 from .model import attach_lora, keep_4bit_layout, load_base, load_tokenizer, write_manifest
 from .prompt import PromptBuilder
 from .schema import load_schema
@@ -98,7 +99,9 @@ class Recipe:
     def _build_model(self):
         cfg = self.cfg
         torch.manual_seed(cfg.optim.seed)
-        model = attach_lora(load_base(cfg.model, str(self.worker.device)), cfg.lora)
+        base = load_base(cfg.model, str(self.worker.device))
+        base.set_attn_implementation(train_attention(cfg, self.worker))
+        model = attach_lora(base, cfg.lora)
         keep_4bit_layout(model)  # dev loss runs this model in eval mode: no in-place repacking (see its note)
         if cfg.parallel.activation_checkpointing:
             # Reentrant checkpointing: bitsandbytes 4-bit layers run custom autograd functions whose saved tensors
@@ -156,7 +159,7 @@ class Recipe:
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)
             with autocast(self.cfg, worker):
-                loss = answer_loss(self.model, b)
+                loss = answer_loss(self.model, b, fused=self.cfg.optim.loss == "fused")
             (loss / len(batches)).backward()
             n = float((b["labels"] != -100).sum())
             loss_sum += float(loss.detach()) * n
@@ -215,18 +218,14 @@ class Recipe:
             dist.destroy_process_group()
 
 
-def answer_loss(model, batch: dict) -> torch.Tensor:
-    """Mean next-token loss on answer tokens, with logits computed only where some row has an answer token.
-
-    The prompt is most of each sequence and the vocabulary projection is the largest matmul of a small model
-    (SmolLM2-135M: a 49,152 x 576 tied lm_head, 28M of 135M parameters), so materialising fp32 logits for every
-    position cost ~15% of a training step on CPU for positions whose labels are -100. `logits_to_keep` goes
-    through the model's own forward (under FSDP2 the root module's hooks must run), and takes one set of
-    positions for the whole batch: the union over rows."""
-    labels = batch["labels"][:, 1:]  # position p predicts token p + 1
-    keep = (labels != -100).any(0).nonzero().squeeze(1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels[:, keep].flatten(), ignore_index=-100)
+def train_attention(cfg: TrainConfig, worker: Worker) -> str:
+    """The attention implementation training runs: `auto` is eager on CPU workers. There, for sequences of a
+    few hundred tokens, eager's batched matrix products beat torch's CPU flash-attention kernel, whose backward
+    walks small blocks one at a time (docs/experiments.md has the measurement); GPUs keep SDPA's kernels."""
+    choice = cfg.parallel.attention
+    if choice == "auto":
+        return "eager" if worker.device.type == "cpu" else "sdpa"
+    return choice
 
 
 def autocast(cfg: TrainConfig, worker: Worker):

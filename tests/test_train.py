@@ -286,3 +286,58 @@ def test_tokenised_data_is_cached_once_and_keyed_by_what_it_depends_on(tiny_mode
     data.write_text("".join((SNIPS / "train.jsonl").read_text().splitlines(True)[:20]))
     assert len(load_tokenized(*args, builder=True).examples) == 20
     assert len(list(cache.iterdir())) == 3
+
+
+def test_length_grouped_steps_cover_the_epoch_once_pad_less_and_plain_shuffle_is_the_previous_order():
+    import random
+    from jsonextract.train_data import epoch_order
+
+    rng = random.Random(1)
+    lengths = [rng.randint(20, 120) for _ in range(1000)]
+    plain = epoch_order(lengths, 32, 0, 7)
+    expected = list(range(1000))
+    random.Random(7).shuffle(expected)
+    assert plain == expected  # data.length_group_steps=0: the order the job had before grouping
+    grouped = epoch_order(lengths, 32, 8, 7)
+    assert sorted(grouped) == list(range(1000)) and grouped != plain
+
+    def padding(order):  # positions a step pads to its longest example, over the epoch's whole steps
+        steps = [order[i:i + 32] for i in range(0, 992, 32)]
+        return sum(max(lengths[j] for j in s) * len(s) - sum(lengths[j] for j in s) for s in steps)
+    assert padding(grouped) < padding(plain) / 4
+    # which lengths come when stays random: the steps of one group are not in length order
+    firsts = [max(lengths[j] for j in grouped[i:i + 32]) for i in range(0, 256, 32)]
+    assert firsts != sorted(firsts)
+
+
+def test_fused_answer_loss_is_the_models_own_loss_with_the_same_gradients(tiny_model):
+    """optim.loss=fused (hidden states -> answer tokens only, one pass) gives the loss and LoRA gradients of the
+    model's own full-logit loss; the bf16 autocast path stays within bf16 rounding."""
+    from jsonextract.data import pad_batch
+    from jsonextract.loss import answer_loss, frozen_linear
+    from jsonextract.model import attach_lora, load_base, load_tokenizer
+    from jsonextract.prompt import PromptBuilder
+    from jsonextract.schema import load_schema
+    from jsonextract.train_data import check_records, tokenize
+
+    cfg = tiny_cfg(tiny_model, Path("/tmp"), "fused", **{"lora.target_modules": "[q_proj,v_proj]"})
+    tok = load_tokenizer(str(tiny_model))
+    prompt = PromptBuilder(cfg.prompt, load_schema(SNIPS / "schema.json"))
+    batch = pad_batch(tokenize(check_records(str(SNIPS / "train.jsonl"), False, 12)[0], prompt, tok, 160)[0],
+                      tok.pad_token_id)
+    torch.manual_seed(0)
+    model = attach_lora(load_base(cfg.model), cfg.lora)
+    assert frozen_linear(model.get_output_embeddings())
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full, g_full = grads(lambda: model(**batch).loss)
+    fused, g_fused = grads(lambda: answer_loss(model, batch, fused=True))
+    assert fused == pytest.approx(full, rel=1e-5)
+    for n in g_full:
+        assert torch.allclose(g_fused[n], g_full[n], rtol=1e-4, atol=1e-6), n
+    assert model.get_output_embeddings().forward.__self__ is model.get_output_embeddings()  # the head is itself again

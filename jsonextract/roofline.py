@@ -1,0 +1,61 @@
+"""What this machine can do for a model's matrix products: the one probe the decoding and training benchmarks
+compare their throughput with.
+
+A pass multiplies `rows` random rows through matrices of the model's shapes (every Linear of every decoder
+layer, then the output projection; no attention, norms or Python), the weights distinct tensors so each is read
+from memory as the model's are. The first pass is a warm-up and is not timed: it pays for kernel selection and
+code generation at each new shape (oneDNN builds a bf16 kernel per shape; one cold 32-row pass of SmolLM2's
+shapes took over a second where a warm one takes milliseconds), which a model running for minutes pays once.
+The rate is the best of the timed passes that fit in `budget_s` (at least one), so a CPU that emulates bf16
+(hundreds of times slower) costs one slow pass, not five.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def matmul_shapes(model_dir: str) -> list[tuple[int, int]]:
+    """(in, out) of every matrix a token passes through: each layer's q, k, v, o, gate, up, down, then lm_head."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, i, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = h * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)] * L + [(h, v)]
+
+
+def matmul_params(model_dir: str) -> int:
+    """Weights a token passes through in matrix products: every Linear of the decoder plus the output projection."""
+    return sum(a * b for a, b in matmul_shapes(model_dir))
+
+
+def pass_seconds(model_dir: str, rows: int, dtype: str = "float32", reps: int = 5, budget_s: float = 2.0) -> float:
+    """Seconds of one warm pass of `rows` rows through the model's matrices in `dtype` (see the module docstring)."""
+    import torch
+
+    shapes = matmul_shapes(model_dir)
+    dt = getattr(torch, dtype)
+    weights = [torch.randn(a, b, dtype=dt) for a, b in shapes]
+    x = {d: torch.randn(rows, d, dtype=dt) for d in {a for a, _ in shapes}}
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for w in weights:
+            x[w.shape[0]] @ w
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        warm = one_pass()
+        if warm > budget_s:  # hopeless for this dtype (emulated): the warm-up is the measurement
+            return warm
+        best, start = float("inf"), time.perf_counter()
+        for _ in range(reps):
+            best = min(best, one_pass())
+            if time.perf_counter() - start > budget_s:
+                break
+    return best
+
+
+def gflops(model_dir: str, rows: int, dtype: str = "float32", **kw) -> float:
+    """GFLOP/s of the model's matrix products at `rows` rows in `dtype` on this machine (2 FLOP per weight and row)."""
+    return 2 * matmul_params(model_dir) * rows / pass_seconds(model_dir, rows, dtype, **kw) / 1e9
