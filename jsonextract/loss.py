@@ -44,12 +44,17 @@ def frozen_linear(head) -> bool:
 
 @contextlib.contextmanager
 def passes_input_through(module: torch.nn.Module):
-    """For the duration, `module(x)` returns x (an instance attribute shadows the class's forward)."""
+    """For the duration, `module(x)` returns x (an instance attribute shadows the class's forward; one that was
+    there already, such as a hook library's wrapper, is put back after)."""
+    own = module.__dict__.get("forward")
     module.forward = lambda x: x
     try:
         yield
     finally:
-        del module.forward
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
