@@ -39,6 +39,7 @@ class Result:
     confidence: dict | None = None  # {path: probability of the tokens that wrote the value} (calibrated)
     confidence_uncalibrated: dict | None = None  # the same at temperature 1, where a calibration temperature is set
     dropped: list | None = None  # paths removed by grounding=drop_ungrounded
+    tokens: list[int] | None = None  # the output's token ids, eos included (not in the output row)
 
     @property
     def reason(self) -> str | None:
@@ -164,6 +165,7 @@ class Extractor:
         raw = gen.raw_logprobs or gen.logprobs
         for toks, lps, lps1, r in zip(gen.tokens, gen.logprobs, raw, rows):
             res = self._finish(toks, r[2], eos, pad, max_new)
+            res.tokens = toks[:res.output_tokens]
             if res.valid and policy != "off":  # the call's policy, not only the config's
                 res.confidence = self._confidence(res, toks, lps, r[2])
                 if self.temperature != 1.0:

@@ -52,7 +52,7 @@ class EvalConfig:
     every_steps: int = 50  # dev loss + extraction metrics every N steps, and at the end (0 = only at the end)
     loss_examples: int = 256  # dev records for dev loss, spread over the dev file, split over workers (0 = all)
     decode_samples: int = 64  # dev records decoded (constrained) and scored with the shared metrics (0 = none)
-    calibration_records: int = 256  # after training: dev records whose gold answers fit the confidence temperature written to the adapter's manifest (jsonextract/temperature.py; 0 = none)
+    calibration_records: int = 256  # after training: dev records decoded to fit the confidence temperature (on the rightness of the values predicted) written to the adapter's manifest (jsonextract/temperature.py; 0 = none)
 
 
 @dataclass(frozen=True)

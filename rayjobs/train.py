@@ -105,10 +105,13 @@ def main() -> int:
         t1 = time.time()
         cal = calibrate_adapter(cfg.run.output_dir, cfg.model, cfg.decoding, cfg.data.dev_file,
                                 cfg.eval.calibration_records, cfg.model.max_length)
-        if cal["positions"]:
-            print(f"[train] confidence temperature {cal['temperature']:g} fitted on {cal['records']} dev records "
-                  f"({cal['positions']} answer positions with a choice): dev NLL {cal['dev_nll_at_1']:.4f} at 1 -> "
-                  f"{cal['dev_nll']:.4f} ({time.time() - t1:.0f}s)")
+        if cal["values"]:
+            print(f"[train] confidence temperature {cal['temperature']:g} fitted on the {cal['values']} values "
+                  f"predicted for {cal['records']} dev records: NLL of their rightness {cal['dev_value_nll_at_1']:.4f} "
+                  f"at 1 -> {cal['dev_value_nll']:.4f}, calibration error {cal['dev_ece_at_1']:.3f} -> "
+                  f"{cal['dev_ece']:.3f} ({time.time() - t1:.0f}s)")
+        else:
+            print("[train] no dev record gave a valid output with values: confidence left uncalibrated")
     shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     print(f"[train] done in {time.time() - t0:.0f}s: {shown}")
     print(f"[train] adapter written to {cfg.run.output_dir}")

@@ -29,6 +29,6 @@ def test_quick_pipeline_learns_and_reports(tmp_path):
     assert (run / "loss.png").stat().st_size > 1000 and (run / "dev_f1.png").is_file()
     # the confidence temperature was fitted on dev after training, and the report compares before and after
     cal = json.loads((tmp_path / "adapter" / "manifest.json").read_text())["calibration"]
-    assert cal["records"] == 64 and cal["positions"] > 64 and cal["dev_nll"] <= cal["dev_nll_at_1"]
+    assert cal["records"] > 0 and cal["values"] > 0 and cal["dev_value_nll"] <= cal["dev_value_nll_at_1"]
     if cal["temperature"] != 1.0:
         assert "Confidence before and after the adapter's temperature" in report
