@@ -259,8 +259,8 @@ def roofline(model: str, defaults: dict, rows: dict, bf16: bool) -> str:
     dtype = "bfloat16" if bf16 else "float32"
     rate = gflops(model, 512, dtype)
     bound = rate * 1e9 / flops
-    shares = ", ".join(f"{name.split(',')[0] if 'previous' in name else name} {m['tokens_per_s'] / bound:.0%}"
-                       for name, m in rows.items())
+    short = ("the previous job", "the defaults with 2 workers", "the defaults with 1 worker")
+    shares = ", ".join(f"{label} {m['tokens_per_s'] / bound:.0%}" for label, m in zip(short, rows.values()))
     return (f"roofline: {flops / 1e9:.3f} GFLOP of matrix products per training token (answer tokens "
             f"{defaults['answer_share']:.0%} of all); the probe's 512-row pass in {dtype} runs at {rate:.0f} GFLOP/s "
             f"on this machine, a bound of {bound:.0f} tokens/s. Jobs at: {shares}.")
