@@ -215,6 +215,7 @@ def main() -> int:
         rows = {"previous job (plain shuffle, SDPA, model logits), 2 workers x 1 CPU, FSDP2": job(ov + PREVIOUS, 2, batch, tmp, "previous"),
                 "defaults, 2 workers x 1 CPU, FSDP2": job(ov, 2, batch, tmp, "defaults-2"),
                 "defaults, 1 worker x 2 CPUs (unsharded)": job(ov, 1, batch, tmp, "defaults-1")}
+        roof = roofline(model, parts["defaults"], rows, cpu_has_native_bf16())  # while a --quick model exists
     lines = [f"# Training throughput ({cpu_name()}, {os.cpu_count()} CPUs; native bf16: {cpu_has_native_bf16()})", "",
              f"`{' '.join(['.venv/bin/python', 'bench/train.py', *sys.argv[1:]])}` at commit {commit()}; QLoRA (NF4, "
              f"LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per step.", "",
@@ -233,7 +234,7 @@ def main() -> int:
     for name, m in rows.items():
         lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / prev:.2f}x | {m['loss']:.4f} | "
                      f"{m['peak_rss_mb']:.0f} | {m['wall_s']:.0f} |")
-    lines += ["", roofline(model, parts["defaults"], rows, cpu_has_native_bf16())]
+    lines += ["", roof]
     speedup = rows["defaults, 2 workers x 1 CPU, FSDP2"]["tokens_per_s"] / prev
     lines += ["", f"speedup: training job tokens/s vs the previous job on the same machine = {speedup:.2f}x"]
     text = "\n".join(lines)
