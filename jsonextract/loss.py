@@ -65,16 +65,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype`, kept on the tensor itself while its values stay the same (its in-place version
-    counter unchanged): casting SmolLM2's 49,152 x 576 tied embedding every micro-batch took longer than its
-    product."""
-    if weight.dtype == dtype:
-        return weight
-    version, cast = getattr(weight, "_answer_loss_cast", (None, None))
-    if version != weight._version or cast is None or cast.dtype != dtype:
-        cast = weight.detach().to(dtype)
-        weight._answer_loss_cast = (weight._version, cast)
-    return cast
+    """`weight` in `dtype`, kept on the weight while it is unchanged (generation.derived): casting SmolLM2's
+    49,152 x 576 tied embedding every micro-batch took longer than its product."""
+    from .generation import derived
+    return weight if weight.dtype == dtype else derived(weight, ("answer_loss", dtype), lambda w: w.detach().to(dtype))
 
 
 class _AnswerCrossEntropy(torch.autograd.Function):
