@@ -28,7 +28,7 @@ PEAK_LR = {"qlora": 2e-3, "lora": 2e-3, "full": 1e-3}
 def load_model(mode: str, model_dir: str, cfg):
     from dataclasses import replace
 
-    from jsonextract.model import attach_lora, load_base
+    from jsonextract.models.loading import attach_lora, load_base
 
     quant = "nf4" if mode == "qlora" else "none"
     base = load_base(replace(cfg.model, name=model_dir, quantization=quant))
@@ -39,17 +39,17 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
     import torch
     from dataclasses import replace
 
-    from jsonextract import config as C
-    from jsonextract.data import pad_batch, spread
-    from jsonextract.decoding import Extractor, extract_in_batches
-    from jsonextract.metrics import score_results
-    from jsonextract.model import load_tokenizer
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
-    from jsonextract.train_config import TrainConfig
-    from jsonextract.evaluation import mean_loss
-    from jsonextract.train_data import check_records, micro_batches, tokenize
-    from jsonextract.training import lr_lambda
+    from jsonextract.config import core as C
+    from jsonextract.data.records import pad_batch, spread
+    from jsonextract.decoding.extractor import Extractor, extract_in_batches
+    from jsonextract.evaluation.metrics import score_results
+    from jsonextract.models.loading import load_tokenizer
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
+    from jsonextract.config.train import TrainConfig
+    from jsonextract.training.dev_eval import mean_loss
+    from jsonextract.training.batches import check_records, micro_batches, tokenize
+    from jsonextract.training.recipe import lr_lambda
 
     cfg = C.load(TrainConfig, MAIN_CONFIG, [])
     cfg = replace(cfg, optim=replace(cfg.optim, lr=PEAK_LR[mode], max_steps=steps, batch_size=32,
@@ -101,8 +101,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if not model_dir:
-            from jsonextract import config as C
-            from jsonextract.tiny import build
+            from jsonextract.config import core as C
+            from jsonextract.models.tiny import build
             model_dir = str(build(DATA, Path(tmp) / "tiny", C.load(C.TinyModelConfig, ROOT / "configs/tiny/snips.yaml")))
         rows = {m: run(m, model_dir, steps, dev_n) for m in modes}
     print(f"\nTiny model from scratch on SNIPS: {steps} steps of 32 sequences per mode, dev metrics on {dev_n} records\n")

@@ -43,15 +43,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jsonextract.roofline import matmul_params, pass_seconds  # noqa: E402
+from jsonextract.hardware import matmul_params, pass_seconds  # noqa: E402
 
 STEP = {"jump_forward": False, "prefix_cache": False}  # the decoding loop, one forward pass per token
 
 
 def job_batch() -> int:
     """configs/extract/cpu.yaml's decoding.batch_size: the batch the job's replicas decode at."""
-    from jsonextract.config import load
-    from jsonextract.extract_config import ExtractConfig
+    from jsonextract.config.core import load
+    from jsonextract.config.extract import ExtractConfig
     return load(ExtractConfig, ROOT / "configs/extract/cpu.yaml", []).decoding.batch_size
 
 
@@ -74,11 +74,11 @@ FP32_ATTENTION = "defaults with attention in fp32 (model.inference_attention=pac
 
 def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, max_new: int, dtype: str = "auto",
               **decoding):
-    from jsonextract import config as C
-    from jsonextract.decoding import Extractor
-    from jsonextract.model import load_for_inference
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
+    from jsonextract.config import core as C
+    from jsonextract.decoding.extractor import Extractor
+    from jsonextract.models.loading import load_for_inference
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
 
     lm = load_for_inference(C.ModelConfig(name=model, inference_weights=weights, inference_dtype=dtype,
                                           merged_cache=""), adapter)
@@ -87,10 +87,10 @@ def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, 
 
 
 def run_variant(ex, texts, targets, **decoding) -> dict:
-    from jsonextract.decoding import extract_in_batches
-    from jsonextract.generation import DecodeStats
-    from jsonextract.metrics import score_results
-    from jsonextract.precision import matmul_dtype
+    from jsonextract.decoding.extractor import extract_in_batches
+    from jsonextract.decoding.generation import DecodeStats
+    from jsonextract.evaluation.metrics import score_results
+    from jsonextract.models.precision import matmul_dtype
     import torch
 
     ex.cfg = dataclasses.replace(ex.cfg, **decoding)
@@ -135,7 +135,7 @@ def torch_threads() -> int:
 @contextlib.contextmanager
 def one_prompt_pass():
     """The decoding loop as it was before prompts were computed in length groups: one left-padded pass."""
-    from jsonextract import generation
+    from jsonextract.decoding import generation as generation
     groups = generation.length_groups
     generation.length_groups = lambda lengths, overhead: [list(range(len(lengths)))]
     try:
@@ -160,7 +160,7 @@ def attention_as(ex, name: str = "sdpa"):
 @contextlib.contextmanager
 def model_projection():
     """The decoding loop as it was before it projected onto the vocabulary itself: the model's full logits."""
-    from jsonextract import generation
+    from jsonextract.decoding import generation as generation
     for_model = generation.VocabHead.for_model
     generation.VocabHead.for_model = classmethod(lambda cls, model: None)
     try:
@@ -180,8 +180,8 @@ def bench_set(name: str, data: Path, model: str, adapter: str | None, n: int, ma
     recs = [json.loads(l) for l in lines]
     texts, targets = [r["text"] for r in recs], [r.get("target") for r in recs]
     import torch
-    from jsonextract import attention
-    from jsonextract.precision import matmul_dtype
+    from jsonextract.models import attention as attention
+    from jsonextract.models.precision import matmul_dtype
 
     schema = data / "schema.json"
     rows: dict[str, dict] = {}
@@ -335,11 +335,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         if args.quick:
-            from jsonextract import config as C
-            from jsonextract.tiny import build
+            from jsonextract.config import core as C
+            from jsonextract.models.tiny import build
             model = str(build(ROOT / "data/snips", tmp / "tiny", C.load(C.TinyModelConfig, ROOT / "configs/tiny/snips.yaml")))
         else:
-            from jsonextract.base import DEFAULT_DIR, ensure_base
+            from jsonextract.models.base import DEFAULT_DIR, ensure_base
             model = str(ensure_base(ROOT / DEFAULT_DIR))
         for name, adapter in sets.items():
             job_rows = 0 if args.no_job else (16 if args.quick else args.job_records)

@@ -28,11 +28,11 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    from jsonextract import config as C
-    from jsonextract.decoding import Extractor, extract_in_batches
-    from jsonextract.model import load_for_inference
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
+    from jsonextract.config import core as C
+    from jsonextract.decoding.extractor import Extractor, extract_in_batches
+    from jsonextract.models.loading import load_for_inference
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
 
     n, reps = (32, 2) if args.quick else (args.records, args.reps)
     lines = (DATA / "test.jsonl").read_text().splitlines()
@@ -42,7 +42,7 @@ def main() -> int:
             lm = load_for_inference(C.ModelConfig(), args.adapter)
             label = f"adapter {Path(args.adapter).name}"
         else:
-            from jsonextract.tiny import build
+            from jsonextract.models.tiny import build
             model = build(DATA, Path(tmp) / "tiny", C.load(C.TinyModelConfig, ROOT / "configs/tiny/snips.yaml"))
             lm = load_for_inference(C.ModelConfig(name=str(model)), None)
             lm.schema, label = load_schema(DATA / "schema.json"), "untrained tiny model"

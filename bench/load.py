@@ -51,7 +51,7 @@ def invalid_requests() -> list[tuple[str, object]]:
 
 async def run_phase(url: str, texts: list[str], schema: dict, n: int, concurrency: int, kill=None) -> dict:
     import aiohttp
-    from jsonextract.schema import validation_error
+    from jsonextract.data.schema import validation_error
 
     rng = random.Random(0)
     bad = invalid_requests()
@@ -134,7 +134,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from jsonextract.schema import load_schema
+    from jsonextract.data.schema import load_schema
     from serve.app import build_app
 
     texts = [json.loads(line)["text"] for line in (DATA / "test.jsonl").read_text().splitlines()[::7]]
@@ -144,8 +144,8 @@ def main() -> int:
             base: dict = {"adapter": args.adapter}
             schema = json.loads((Path(args.adapter) / "manifest.json").read_text())["schema"]
         else:
-            from jsonextract import config as C
-            from jsonextract.tiny import build
+            from jsonextract.config import core as C
+            from jsonextract.models.tiny import build
             model = build(DATA, Path(tmp) / "tiny", C.load(C.TinyModelConfig, ROOT / "configs/tiny/snips.yaml"))
             base = {"model": {"name": str(model)}, "schema": str(DATA / "schema.json")}
             schema = load_schema(DATA / "schema.json")

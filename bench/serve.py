@@ -82,8 +82,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base: dict = {"adapter": adapter} if adapter else {}
         if not adapter:
-            from jsonextract import config as C
-            from jsonextract.tiny import build
+            from jsonextract.config import core as C
+            from jsonextract.models.tiny import build
             model = build(DATA, Path(tmp) / "tiny", C.load(C.TinyModelConfig, ROOT / "configs/tiny/snips.yaml"))
             base = {"model": {"name": str(model)}, "schema": str(DATA / "schema.json")}
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -80,16 +80,16 @@ def breakdown(overrides: list[str], steps: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from jsonextract import config as C
-    from jsonextract.data import pad_batch
-    from jsonextract.loss import answer_loss
-    from jsonextract.model import attach_lora, keep_4bit_layout, load_base, load_tokenizer
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
-    from jsonextract.distributed import Worker
-    from jsonextract.train_config import TrainConfig
-    from jsonextract.train_data import check_records, micro_batches, tokenize
-    from jsonextract.training import autocast, train_attention
+    from jsonextract.config import core as C
+    from jsonextract.data.records import pad_batch
+    from jsonextract.training.loss import answer_loss
+    from jsonextract.models.loading import attach_lora, keep_4bit_layout, load_base, load_tokenizer
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
+    from jsonextract.training.distributed import Worker
+    from jsonextract.config.train import TrainConfig
+    from jsonextract.training.batches import check_records, micro_batches, tokenize
+    from jsonextract.training.recipe import autocast, train_attention
 
     cfg = C.load(TrainConfig, None, overrides)
     worker = Worker(0, 1, 0, torch.device("cpu"), False)
@@ -198,16 +198,16 @@ def main() -> int:
         return 0
     steps, log_every, batch = (6, 2, 8) if args.quick else (args.steps, max(args.steps // 6, 1), 32)
     records = 256 if args.quick else 0  # quick: tokenising all 13,065 records is most of a tiny run
-    from jsonextract.training import cpu_has_native_bf16
+    from jsonextract.training.recipe import cpu_has_native_bf16
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         model = args.model
         if not model and args.quick:
-            from jsonextract import config as C
-            from jsonextract.tiny import build
+            from jsonextract.config import core as C
+            from jsonextract.models.tiny import build
             model = str(build(DATA, tmp / "tiny", C.load(C.TinyModelConfig, ROOT / "configs" / "tiny" / "snips.yaml")))
         elif not model:
-            from jsonextract.base import ensure_base
+            from jsonextract.models.base import ensure_base
             model = str(ensure_base(ROOT / BASE))
         ov = common(model, steps, log_every, records)
         parts = {name: in_child(ov + extra + [f"optim.batch_size={batch // 2}"], 2 if args.quick else 6)
@@ -248,10 +248,10 @@ def main() -> int:
 
 
 def roofline(model: str, defaults: dict, rows: dict, bf16: bool) -> str:
-    """The matrix products a training token needs, against what this machine's probe does (jsonextract.roofline):
+    """The matrix products a training token needs, against what this machine's probe does (jsonextract.hardware):
     forward through every decoder Linear and its input gradient in backward (frozen weights: no weight gradient),
     the LoRA branches (forward, input and weight gradients), and the vocabulary head at answer tokens only."""
-    from jsonextract.roofline import gflops, matmul_shapes
+    from jsonextract.hardware import gflops, matmul_shapes
     shapes = matmul_shapes(model)
     head = shapes[-1][0] * shapes[-1][1]
     decoder = sum(a * b for a, b in shapes[:-1])

@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, TypeVar
 
-from .config import load, split_cli
-from .errors import UserError
+from jsonextract.config.core import load, split_cli
+from jsonextract.errors import UserError
 
 T = TypeVar("T")
 

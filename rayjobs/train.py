@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
-from jsonextract.model import check_model_name  # noqa: E402
-from jsonextract.schema import load_schema  # noqa: E402
-from jsonextract.train_config import TrainConfig  # noqa: E402
-from jsonextract.train_data import check_records, schema_path  # noqa: E402
-from jsonextract.training import train_loop_per_worker  # noqa: E402
+from jsonextract.models.loading import check_model_name  # noqa: E402
+from jsonextract.data.schema import load_schema  # noqa: E402
+from jsonextract.config.train import TrainConfig  # noqa: E402
+from jsonextract.training.batches import check_records, schema_path  # noqa: E402
+from jsonextract.training.recipe import train_loop_per_worker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def fit_with_ray(cfg: TrainConfig):
 def fit_locally(cfg: TrainConfig):
     train_loop_per_worker({"cfg": cfg})
     import json
-    from jsonextract.checkpoint import local_checkpoints
+    from jsonextract.training.checkpoint import local_checkpoints
     latest = local_checkpoints(Path(cfg.run.storage_path) / cfg.run.name)[-1]
     return str(latest), json.loads((latest / "manifest.json").read_text())["metrics"]
 
@@ -101,7 +101,7 @@ def main() -> int:
     ckpt, metrics = fit_with_ray(cfg) if cfg.run.use_ray else fit_locally(cfg)
     save_output(ckpt, cfg.run.output_dir)
     if cfg.eval.calibration_records and cfg.data.dev_file:
-        from jsonextract.temperature import calibrate_adapter
+        from jsonextract.training.temperature import calibrate_adapter
         t1 = time.time()
         cal = calibrate_adapter(cfg.run.output_dir, cfg.model, cfg.decoding, cfg.data.dev_file,
                                 cfg.eval.calibration_records, cfg.model.max_length)

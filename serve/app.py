@@ -33,10 +33,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
-from jsonextract.config import build
-from jsonextract.data import parse_context
-from jsonextract.prompt import context_text
-from jsonextract.serve_config import LimitsConfig, ServeConfig
+from jsonextract.config.core import build
+from jsonextract.data.records import parse_context
+from jsonextract.data.prompt import context_text
+from jsonextract.config.serve import LimitsConfig, ServeConfig
 
 # ---------------------------------------------------------------------------------------------- API types
 
@@ -139,10 +139,10 @@ class Model:
     def __init__(self, cfg: ServeConfig):
         import torch
 
-        from jsonextract.adapters import Adapter, AdapterRegistry, MultiAdapterModel
-        from jsonextract.model import resolve_device
-        from jsonextract.prompt import PromptBuilder
-        from jsonextract.schema import load_schema
+        from jsonextract.models.adapters import Adapter, AdapterRegistry, MultiAdapterModel
+        from jsonextract.models.loading import resolve_device
+        from jsonextract.data.prompt import PromptBuilder
+        from jsonextract.data.schema import load_schema
 
         device = resolve_device(cfg.device)
         # Ray sets OMP_NUM_THREADS to an actor's CPU reservation (floored, at least 1), so a replica that reserves
@@ -154,7 +154,7 @@ class Model:
         self.device = device
         self.registry = AdapterRegistry(cfg.adapters, cfg.adapter)
         self.lm = MultiAdapterModel(cfg.model, self.registry, device)
-        from jsonextract.config import PromptConfig
+        from jsonextract.config.core import PromptConfig
         self.base = Adapter("", PromptBuilder(PromptConfig(), load_schema(cfg.schema) if cfg.schema else None), None)
         self.extractors: dict[str, Any] = {}
         self.evicted: deque = deque()  # adapters Serve dropped from this replica; detached between batches
@@ -173,8 +173,8 @@ class Model:
         self.get_adapter = get_adapter
 
     def extractor(self, adapter) -> Any:
-        from jsonextract.decoding import Extractor
-        from jsonextract.temperature import temperature_of
+        from jsonextract.decoding.extractor import Extractor
+        from jsonextract.training.temperature import temperature_of
         ex = self.extractors.get(adapter.name)
         if ex is None or ex.prompt is not adapter.prompt:
             shared = next(iter(self.extractors.values()))._compiler if self.extractors else None
@@ -205,7 +205,7 @@ class Model:
 
     async def compile(self, adapter, schema: dict) -> None:
         """Compile (or find cached) the grammar of `schema` in a worker thread, within the time limit."""
-        from jsonextract.schema import SchemaError
+        from jsonextract.data.schema import SchemaError
         ex = self.extractor(adapter)
         loop = asyncio.get_running_loop()
         try:
@@ -229,8 +229,8 @@ class Model:
 
     async def __call__(self, item: dict) -> dict:
         """One request; errors that are the caller's come back as {'status', 'detail'} (handles carry values)."""
-        from jsonextract.adapters import UnknownAdapter
-        from jsonextract.model import ModelLoadError
+        from jsonextract.models.adapters import UnknownAdapter
+        from jsonextract.models.loading import ModelLoadError
         name = serve.get_multiplexed_model_id()
         try:
             try:
@@ -393,7 +393,7 @@ def unavailable(detail: str) -> HTTPException:
 @serve.ingress(app)
 class Api:
     def __init__(self, model, cfg: ServeConfig, hashes: list[bytes]):
-        from jsonextract.adapters import AdapterRegistry
+        from jsonextract.models.adapters import AdapterRegistry
         self.model, self.cfg, self.limits = model, cfg, cfg.limits
         self.registry = AdapterRegistry(cfg.adapters, cfg.adapter)
         names = self.registry.names()
@@ -401,7 +401,7 @@ class Api:
         GuardSettings.key_hashes, GuardSettings.max_body = hashes, cfg.limits.max_body_bytes
 
     def adapter_name(self, requested: Optional[str]) -> str:
-        from jsonextract.adapters import NAME
+        from jsonextract.models.adapters import NAME
         name = requested if requested else self.default
         if name and (not NAME.match(name) or name not in self.registry.names()):
             self.registry.refresh()
@@ -411,7 +411,7 @@ class Api:
         return name
 
     async def _one(self, req: ExtractRequest) -> dict:
-        from jsonextract.schema import SchemaError, check_limits, check_schema
+        from jsonextract.data.schema import SchemaError, check_limits, check_schema
         if not req.text.strip():
             raise HTTPException(400, "text must be a non-empty string")
         check_unicode(req.text, "text")

@@ -36,15 +36,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def snips_schema():
-    from jsonextract.schema import load_schema
+    from jsonextract.data.schema import load_schema
     return load_schema(SNIPS / "schema.json")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Tiny Llama + BPE tokenizer built from SNIPS train (the same command a user runs)."""
-    from jsonextract import config as C
-    from jsonextract.tiny import build
+    from jsonextract.config import core as C
+    from jsonextract.models.tiny import build
 
     out = tmp_path_factory.mktemp("tiny") / "model"
     return build(SNIPS, out, C.TinyModelConfig(hidden_size=128, intermediate_size=256, num_layers=2,

@@ -6,8 +6,8 @@ import pytest
 
 from jsonextract.errors import UserError
 
-from jsonextract.batch import balanced_batch_rows, merge_chunks, parse_file, replica_device, resolve_inputs
-from jsonextract.extract_config import ExtractConfig
+from jsonextract.batch.replica import balanced_batch_rows, merge_chunks, parse_file, replica_device, resolve_inputs
+from jsonextract.config.extract import ExtractConfig
 
 
 @pytest.fixture()
@@ -78,7 +78,7 @@ def test_merge_chunks_first_value_wins_lists_union():
 def test_reading_results_has_no_side_effects_and_resume_quarantines_explicitly(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from jsonextract.io import quarantine_unreadable, read_results, result_files
+    from jsonextract.data.io import quarantine_unreadable, read_results, result_files
 
     pq.write_table(pa.table({"id": ["a", "b"], "valid": [True, False]}), tmp_path / "part-0.parquet")
     (tmp_path / "part-1.parquet").write_bytes(b"PAR1 cut short")

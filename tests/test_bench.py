@@ -29,8 +29,8 @@ def test_train_bench_quick():
 
 def test_extract_bench_quick():
     import re
-    from jsonextract.config import load
-    from jsonextract.extract_config import ExtractConfig
+    from jsonextract.config.core import load
+    from jsonextract.config.extract import ExtractConfig
     job_batch = load(ExtractConfig, ROOT / "configs/extract/cpu.yaml", []).decoding.batch_size  # the bench's JOB_BATCH
     out = run_bench("extract.py")
     assert "| generate(), step by step" in out and "| Ray Data job, defaults |" in out and "roofline:" in out

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from jsonextract import config as C
+from jsonextract.config import core as C
 from conftest import ROOT
 
 
@@ -69,15 +69,15 @@ def config_class_for(path: Path):
     import sys
     sys.path.insert(0, str(ROOT))
     if kind == "train":
-        from jsonextract.train_config import TrainConfig
+        from jsonextract.config.train import TrainConfig
         return TrainConfig
     if kind == "extract":
-        from jsonextract.extract_config import ExtractConfig
+        from jsonextract.config.extract import ExtractConfig
         return ExtractConfig
     if kind == "serve":
         return "serve"  # Ray Serve's own format; our settings are each application's `args`
     if kind == "pipeline":
-        from jsonextract.pipeline_config import PipelineConfig
+        from jsonextract.config.pipeline import PipelineConfig
         return PipelineConfig
     raise AssertionError(f"no config class for configs/{kind}/")
 
@@ -88,7 +88,7 @@ def test_every_shipped_config_loads(path):
     if cls == "serve":
         import yaml
         from ray.serve.schema import ServeDeploySchema
-        from jsonextract.serve_config import ServeConfig
+        from jsonextract.config.serve import ServeConfig
         raw = yaml.safe_load(path.read_text())
         ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
         for app in raw["applications"]:
@@ -108,11 +108,11 @@ def test_every_job_answers_help_with_its_settings(job, key):
 
 
 def test_every_setting_has_a_one_line_comment():
-    from jsonextract.config import describe
-    from jsonextract.extract_config import ExtractConfig
-    from jsonextract.pipeline_config import PipelineConfig
-    from jsonextract.serve_config import ServeConfig
-    from jsonextract.train_config import TrainConfig
+    from jsonextract.config.core import describe
+    from jsonextract.config.extract import ExtractConfig
+    from jsonextract.config.pipeline import PipelineConfig
+    from jsonextract.config.serve import ServeConfig
+    from jsonextract.config.train import TrainConfig
 
     for cls in (TrainConfig, ExtractConfig, PipelineConfig, ServeConfig):
         for line in describe(cls):

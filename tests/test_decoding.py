@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from jsonextract import config as C
-from jsonextract.data import read_jsonl
-from jsonextract.decoding import Extractor
-from jsonextract.model import load_for_inference
-from jsonextract.prompt import PromptBuilder
-from jsonextract.schema import SchemaError, validation_error
+from jsonextract.config import core as C
+from jsonextract.data.records import read_jsonl
+from jsonextract.decoding.extractor import Extractor
+from jsonextract.models.loading import load_for_inference
+from jsonextract.data.prompt import PromptBuilder
+from jsonextract.data.schema import SchemaError, validation_error
 from conftest import SNIPS
 
 
@@ -72,7 +72,7 @@ def test_grammar_accepts_what_the_model_was_trained_to_write(extractor, data):
     (With the grammar compiled from a key-sorted copy of the schema, Restaurant-8k's targets, whose keys are not
     in alphabetical order, were refused at their second key.)"""
     import xgrammar as xgr
-    from jsonextract.schema import load_schema
+    from jsonextract.data.schema import load_schema
     schema = load_schema(SNIPS.parent / data / "schema.json")
     assert list(schema["properties"]) != sorted(schema["properties"]) or data == "snips"
     prompt = PromptBuilder(C.PromptConfig(), schema)
@@ -133,8 +133,8 @@ def test_forced_end_is_the_rest_of_the_answer_exactly_when_nothing_is_left_to_ch
     none is, exactly the target's remaining tokens (closing braces, eos); where it returns None the matcher is as
     before (the target's next tokens are still accepted)."""
     import xgrammar as xgr
-    from jsonextract.generation import forced_end
-    from jsonextract.schema import load_schema
+    from jsonextract.decoding.generation import forced_end
+    from jsonextract.data.schema import load_schema
     schema = load_schema(SNIPS.parent / data / "schema.json")
     prompt = PromptBuilder(C.PromptConfig(), schema)
     scratch = xgr.allocate_token_bitmask(1, extractor.model.config.vocab_size)
@@ -158,7 +158,7 @@ def test_decoding_loop_matches_generate_token_for_token(extractor):
     """Unconstrained, with prompts of different lengths (left padding) and the shared-prefix cache: the loop's
     greedy tokens are model.generate()'s, so its cache, padding holes and position ids are right."""
     import torch
-    from jsonextract.generation import PrefixCache, greedy_generate
+    from jsonextract.decoding.generation import PrefixCache, greedy_generate
 
     tok = extractor.tokenizer
     prompts = [extractor.prompt.encode_prompt(tok, t).ids
@@ -169,7 +169,7 @@ def test_decoding_loop_matches_generate_token_for_token(extractor):
     with torch.inference_mode():
         ref = extractor.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, n:].tolist()
-    from jsonextract.generation import PassCost, length_groups
+    from jsonextract.decoding.generation import PassCost, length_groups
     assert len(length_groups([len(p) for p in prompts], PassCost.for_device("cpu").prior)) > 1  # caches joined
     cache = PrefixCache()
     for prefix in (None, cache, cache):  # no prefix; prefix computed; prefix reused
@@ -182,7 +182,7 @@ def test_decoding_loop_matches_generate_token_for_token(extractor):
 
 
 def test_prompt_length_groups_partition_the_rows():
-    from jsonextract.generation import length_groups
+    from jsonextract.decoding.generation import length_groups
     lengths = [5, 30, 6, 29, 5]
     groups = length_groups(lengths, overhead=2.0)
     assert sorted(j for g in groups for j in g) == [0, 1, 2, 3, 4]  # every row once
@@ -196,7 +196,7 @@ def test_packed_gqa_attention_is_sdpa_without_copying_the_cache():
     import torch
     from types import SimpleNamespace
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from jsonextract.attention import packed_gqa_sdpa
+    from jsonextract.models.attention import packed_gqa_sdpa
 
     torch.manual_seed(0)
     for groups, T, L in [(3, 4, 20), (2, 1, 9), (4, 7, 7)]:
@@ -218,8 +218,8 @@ def test_half_products_attention_is_close_to_fp32_sdpa():
     import torch
     from types import SimpleNamespace
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from jsonextract import attention
-    from jsonextract.attention import packed_gqa_half_products, packed_gqa_sdpa
+    from jsonextract.models import attention as attention
+    from jsonextract.models.attention import packed_gqa_half_products, packed_gqa_sdpa
 
     torch.manual_seed(0)
     for groups, T, L, masked in [(3, 4, 20, True), (3, 1, 9, True), (1, 5, 5, True), (2, 6, 6, False), (2, 1, 7, False)]:
@@ -256,7 +256,7 @@ def test_gqa_model_decodes_with_packed_attention_as_with_sdpa(tiny_model, snips_
     import shutil
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from jsonextract.attention import NAME
+    from jsonextract.models.attention import NAME
 
     cfg = AutoConfig.from_pretrained(tiny_model)
     cfg.num_key_value_heads = 1  # 2 query heads over 1 key/value head
@@ -281,7 +281,7 @@ def test_gqa_model_decodes_with_packed_attention_as_with_sdpa(tiny_model, snips_
 
 
 def test_prefix_cache_is_dropped_when_weights_change(extractor):
-    from jsonextract.generation import PrefixCache
+    from jsonextract.decoding.generation import PrefixCache
     extractor.extract(["play jazz", "play rock"])
     assert extractor._prefix.ids
     extractor.weights_changed()
@@ -319,8 +319,8 @@ def test_bf16_inference_on_cpu_keeps_outputs_valid_and_close(extractor, tiny_mod
     import dataclasses
     lm = load_for_inference(C.ModelConfig(name=str(tiny_model), **precision), None)
     import torch
-    from jsonextract.generation import VocabHead
-    from jsonextract.precision import matmul_dtype
+    from jsonextract.decoding.generation import VocabHead
+    from jsonextract.models.precision import matmul_dtype
     assert matmul_dtype(lm.model) == torch.bfloat16
     hidden = torch.randn(3, lm.model.config.hidden_size, dtype=torch.bfloat16)
     assert VocabHead.for_model(lm.model).project(hidden).dtype == torch.float32  # logits not rounded to bf16
@@ -362,7 +362,7 @@ def test_vocab_head_gives_the_full_projections_masked_argmax(extractor):
 
     import torch
     import xgrammar as xgr
-    from jsonextract.generation import VocabHead, masked_argmax
+    from jsonextract.decoding.generation import VocabHead, masked_argmax
 
     model = extractor.model
     head = VocabHead.for_model(model)
@@ -394,7 +394,7 @@ def test_vocab_head_in_bf16_gives_the_fp32_argmax(extractor):
     is not, masked or not, and the log-probabilities stay close."""
     import torch
     import xgrammar as xgr
-    from jsonextract.generation import VocabHead, masked_argmax
+    from jsonextract.decoding.generation import VocabHead, masked_argmax
 
     model = extractor.model
     weight = model.get_output_embeddings().weight
@@ -423,7 +423,7 @@ def test_vocab_head_runs_a_peft_models_active_lora_adapter(extractor):
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from jsonextract.generation import VocabHead, greedy_generate
+    from jsonextract.decoding.generation import VocabHead, greedy_generate
 
     tok = extractor.tokenizer
     torch.manual_seed(0)
@@ -456,7 +456,7 @@ def test_growing_cache_keeps_the_rows_a_dynamic_cache_keeps():
     are a DynamicCache's with the same rows selected."""
     import torch
     from transformers import DynamicCache
-    from jsonextract.generation import _growing, fill_holes
+    from jsonextract.decoding.generation import _growing, fill_holes
 
     assert fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3] and fill_holes([1, 2]) == [2, 1]
     torch.manual_seed(0)

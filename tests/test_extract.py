@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jsonextract import config as C
-from jsonextract.extract_config import ExtractConfig
-from jsonextract.schema import load_schema, validation_error
+from jsonextract.config import core as C
+from jsonextract.config.extract import ExtractConfig
+from jsonextract.data.schema import load_schema, validation_error
 from conftest import R8K, ROOT, SNIPS
 
 sys.path.insert(0, str(ROOT / "rayjobs"))
@@ -51,7 +51,7 @@ def run_cli(args: list[str], timeout: int = 120):
 
 
 def read_all(output: str) -> list[dict]:
-    from jsonextract.io import read_results
+    from jsonextract.data.io import read_results
     return read_results(output)
 
 

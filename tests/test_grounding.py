@@ -2,8 +2,8 @@
 the real decoder with a model output made to disagree with its text."""
 import pytest
 
-from jsonextract.grounding import drop_ungrounded, ground, leaf_spans
-from jsonextract.schema import validation_error
+from jsonextract.decoding.grounding import drop_ungrounded, ground, leaf_spans
+from jsonextract.data.schema import validation_error
 
 SCHEMA = {"type": "object", "properties": {
     "intent": {"type": "string", "enum": ["PlayMusic", "BookRestaurant"]},
@@ -63,10 +63,10 @@ def test_leaf_spans_are_the_canonical_json():
 def test_decoder_output_that_disagrees_with_the_text_is_flagged(tiny_model, policy):
     """Patterns make the untrained model write "paris" (in the text) and "tokyo" (not in it). The grammar keeps the
     schema's key order: with the optional "to" last, the untrained model writes it."""
-    from jsonextract import config as C
-    from jsonextract.decoding import Extractor
-    from jsonextract.model import load_base, load_tokenizer
-    from jsonextract.prompt import PromptBuilder
+    from jsonextract.config import core as C
+    from jsonextract.decoding.extractor import Extractor
+    from jsonextract.models.loading import load_base, load_tokenizer
+    from jsonextract.data.prompt import PromptBuilder
 
     schema = {"type": "object", "properties": {"city": {"type": "string", "pattern": "^paris$"},
                                                "mode": {"type": "string", "enum": ["air", "rail"]},
@@ -93,7 +93,7 @@ def test_grounding_metrics_from_result_rows():
     """Precision of grounded vs ungrounded values, the drop_ungrounded counterfactual and calibration, computed
     from batch rows and gold targets by hand-checkable counts."""
     import json
-    from jsonextract.calibration import grounding_metrics
+    from jsonextract.evaluation.calibration import grounding_metrics
 
     rows = [
         ({"valid": True, "output": json.dumps({"intent": "PlayMusic", "slots": {"artist": "miles", "album": "x"}}),
@@ -117,7 +117,7 @@ def test_grounding_metrics_from_result_rows():
 
 def test_static_review_page_of_a_batch_output(tmp_path):
     import json
-    from jsonextract.view import main
+    from jsonextract.evaluation.view import main
 
     out = tmp_path / "out"
     out.mkdir()

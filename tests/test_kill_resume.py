@@ -39,7 +39,7 @@ def kill_when(proc: subprocess.Popen, ready, log: Path, limit_s: float = 600) ->
 
 
 def test_batch_driver_killed_half_way_then_rerun_outputs_every_row_once(tiny_model, tmp_path):
-    from jsonextract.io import read_results, result_files
+    from jsonextract.data.io import read_results, result_files
 
     lines = (SNIPS / "test.jsonl").read_text().splitlines()
     rows = [json.loads(lines[i % len(lines)]) | {"id": f"row-{i}"} for i in range(2000)]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jsonextract import config as C
-from jsonextract import merged_weights, model as M
+from jsonextract.config import core as C
+from jsonextract.models import merged_cache as merged_weights; from jsonextract.models import loading as M
 
 
 def make_adapter(base: str, out, seed: int, quantization: str = "nf4") -> str:
@@ -116,7 +116,7 @@ def test_auto_keeps_fp32_where_onednn_is_held_to_avx2():
     """bf16 products run in oneDNN, which an environment may hold below the CPU's bf16 units; at AVX2 they run
     in its reference kernel, far slower than fp32, whatever the CPU flags say. `auto` measures, so it keeps fp32
     there (the cap must be set before torch loads oneDNN: a fresh process)."""
-    code = ("from jsonextract import model as M; from jsonextract.config import ModelConfig; "
+    code = ("from jsonextract.models import loading as M; from jsonextract.config.core import ModelConfig; "
             "print(M.bf16_matmul_speedup(), M.inference_dtype(ModelConfig()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}).stdout

@@ -5,9 +5,9 @@ adapters (Serve) still apply over such a base."""
 import pytest
 import torch
 
-from jsonextract import config as C
-from jsonextract.model import load_for_inference, load_inference_base, to_inference_dtype
-from jsonextract.precision import lower_matmul_precision, matmul_dtype
+from jsonextract.config import core as C
+from jsonextract.models.loading import load_for_inference, load_inference_base, to_inference_dtype
+from jsonextract.models.precision import lower_matmul_precision, matmul_dtype
 from test_merged_weights import make_adapter
 
 

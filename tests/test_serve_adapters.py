@@ -8,7 +8,7 @@ import pytest
 import requests
 import torch
 
-from jsonextract.schema import load_schema, validation_error
+from jsonextract.data.schema import load_schema, validation_error
 from conftest import ROOT, SNIPS
 
 RESTAURANT = ROOT / "data" / "restaurant8k"
@@ -21,8 +21,8 @@ def train_adapter(base, out, data, name, tmp):
     """A few steps of the real training job (one process, no Ray) on a data set: the adapter and its manifest
     (schema, prompt) are what `rayjobs/train.py` writes."""
     import sys
-    from jsonextract import config as C
-    from jsonextract.train_config import TrainConfig
+    from jsonextract.config import core as C
+    from jsonextract.config.train import TrainConfig
     sys.path.insert(0, str(ROOT / "rayjobs"))
     import train as train_job
 
@@ -130,7 +130,7 @@ def test_api_keys(app):
 def test_registry_from_a_uri_copies_adapters_and_only_knows_its_names(registry, tmp_path):
     """An object-store registry (here the file:// scheme through the same pyarrow filesystem code as s3://):
     adapters are listed by folder name and copied to a local folder on first use."""
-    from jsonextract.adapters import AdapterRegistry, UnknownAdapter
+    from jsonextract.models.adapters import AdapterRegistry, UnknownAdapter
 
     reg = AdapterRegistry(f"file://{registry}")
     assert reg.names() == ["restaurant", "snips"]
@@ -147,9 +147,9 @@ def test_replica_model_on_cuda_swaps_adapters(registry):
     """A Serve replica's model on a GPU (configs/serve/gpu.yaml's path): the base dequantised once and cast to bf16,
     the two adapters attached unmerged and swapped in turn; each gives outputs valid under its own schema (or an
     error with a reason), computed on the GPU."""
-    from jsonextract import config as C
-    from jsonextract.adapters import AdapterRegistry, MultiAdapterModel
-    from jsonextract.decoding import Extractor
+    from jsonextract.config import core as C
+    from jsonextract.models.adapters import AdapterRegistry, MultiAdapterModel
+    from jsonextract.decoding.extractor import Extractor
 
     lm = MultiAdapterModel(C.ModelConfig(dtype="bfloat16", max_length=384), AdapterRegistry(str(registry)), "cuda")
     assert lm.base.dtype == torch.bfloat16

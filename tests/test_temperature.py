@@ -3,14 +3,14 @@ reported."""
 import pytest
 import torch
 
-from jsonextract import config as C
-from jsonextract.data import read_jsonl
+from jsonextract.config import core as C
+from jsonextract.data.records import read_jsonl
 from conftest import R8K, SNIPS
 
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model, tmp_path_factory, snips_schema):
-    from jsonextract.model import attach_lora, load_base, load_tokenizer, write_manifest
+    from jsonextract.models.loading import attach_lora, load_base, load_tokenizer, write_manifest
     out = tmp_path_factory.mktemp("adapter") / "a"
     torch.manual_seed(0)
     model = attach_lora(load_base(C.ModelConfig(name=str(tiny_model))), C.LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -23,12 +23,12 @@ def tiny_adapter(tiny_model, tmp_path_factory, snips_schema):
 def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale():
     """The zero-shot SmolLM2 base on Restaurant-8k dev: valid outputs, some values right, some wrong. The fitted
     temperature lowers the NLL of the values' rightness; with logits three times as large it is three times as large."""
-    from jsonextract.base import DEFAULT_DIR, ensure_base
-    from jsonextract.decoding import Extractor
-    from jsonextract.model import load_for_inference
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
-    from jsonextract.temperature import Sample, fit_temperature, value_nll, value_samples
+    from jsonextract.models.base import DEFAULT_DIR, ensure_base
+    from jsonextract.decoding.extractor import Extractor
+    from jsonextract.models.loading import load_for_inference
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
+    from jsonextract.training.temperature import Sample, fit_temperature, value_nll, value_samples
     from conftest import ROOT
 
     lm = load_for_inference(C.ModelConfig(name=str(ensure_base(ROOT / DEFAULT_DIR)), merged_cache="",
@@ -49,8 +49,8 @@ def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale():
 
 
 def test_calibration_lands_in_the_manifest(tiny_adapter):
-    from jsonextract.model import read_manifest
-    from jsonextract.temperature import calibrate_adapter, temperature_of
+    from jsonextract.models.loading import read_manifest
+    from jsonextract.training.temperature import calibrate_adapter, temperature_of
 
     entry = calibrate_adapter(str(tiny_adapter), C.ModelConfig(merged_cache=""), C.DecodingConfig(max_new_tokens=48),
                               str(SNIPS / "dev.jsonl"), 16, 256)
@@ -60,9 +60,9 @@ def test_calibration_lands_in_the_manifest(tiny_adapter):
 
 
 def test_temperature_changes_the_confidence_not_the_output(tiny_adapter):
-    from jsonextract.decoding import Extractor
-    from jsonextract.model import load_for_inference
-    from jsonextract.prompt import PromptBuilder
+    from jsonextract.decoding.extractor import Extractor
+    from jsonextract.models.loading import load_for_inference
+    from jsonextract.data.prompt import PromptBuilder
 
     lm = load_for_inference(C.ModelConfig(merged_cache=""), str(tiny_adapter))
     texts = [r.text for r in read_jsonl(SNIPS / "test.jsonl") if r.ok][:8]

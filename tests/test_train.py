@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jsonextract import config as C
-from jsonextract.train_config import TrainConfig
+from jsonextract.config import core as C
+from jsonextract.config.train import TrainConfig
 from conftest import ROOT, SNIPS
 
 sys.path.insert(0, str(ROOT / "rayjobs"))
@@ -41,7 +41,7 @@ def history(adapter: Path) -> list[dict]:
 
 def test_fsdp2_qlora_two_workers_trains_only_lora(ray_session, tiny_model, tmp_path):
     from peft import PeftModel
-    from jsonextract.model import attach_lora, load_base
+    from jsonextract.models.loading import attach_lora, load_base
 
     cfg = tiny_cfg(tiny_model, tmp_path, "fsdp2")
     out, metrics = run_fit(cfg)
@@ -122,7 +122,7 @@ def test_malformed_training_file_names_file_and_line(tiny_model, tmp_path):
     assert r.returncode == 2 and f"{bad}:3" in r.stderr and "skip_bad_records" in r.stderr
     ok = subprocess.run([sys.executable, "-c", f"""
 import sys; sys.path.insert(0, {str(ROOT / 'rayjobs')!r})
-from jsonextract.train_data import check_records
+from jsonextract.training.batches import check_records
 good, skipped = check_records({str(bad)!r}, True)
 print(len(good), skipped)"""], capture_output=True, text=True, timeout=60)
     assert ok.stdout.split() == ["5", "2"]
@@ -143,8 +143,8 @@ def test_ray_train_job_on_cuda(ray_session, tiny_model, tmp_path):
     batch job's replica runs it on the GPU."""
     import math
     from safetensors.torch import load_file
-    from jsonextract.batch import ExtractActor
-    from jsonextract.extract_config import ExtractConfig
+    from jsonextract.batch.replica import ExtractActor
+    from jsonextract.config.extract import ExtractConfig
 
     out, m = run_fit(tiny_cfg(tiny_model, tmp_path, "gpu-ray", **{
         "run.use_gpu": True, "run.num_workers": 1, "optim.max_steps": 4, "model.dtype": "bfloat16",
@@ -178,11 +178,11 @@ def test_reported_dev_loss_equals_the_written_adapters(ray_session, tiny_model, 
     """The dev loss the 2-worker FSDP2 job reports is the dev loss of the adapter it wrote, computed again in one
     process on the same dev examples."""
     from peft import PeftModel
-    from jsonextract.model import keep_4bit_layout, load_base, load_tokenizer
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
-    from jsonextract.evaluation import dev_examples, mean_loss
-    from jsonextract.train_data import check_records, tokenize
+    from jsonextract.models.loading import keep_4bit_layout, load_base, load_tokenizer
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
+    from jsonextract.training.dev_eval import dev_examples, mean_loss
+    from jsonextract.training.batches import check_records, tokenize
 
     cfg = tiny_cfg(tiny_model, tmp_path, "devloss", **{"eval.every_steps": 3, "eval.loss_examples": 40})
     out, metrics = run_fit(cfg)
@@ -200,11 +200,11 @@ def test_4bit_kernel_paths_agree_and_training_never_repacks(tiny_model):
     in eval mode; on CPUs with AVX512-BF16 an unpinned eval-mode model repacks (the fast inference kernel) and
     gives the same loss within bf16 rounding of the block scales."""
     from bitsandbytes.functional import has_avx512bf16
-    from jsonextract.model import keep_4bit_layout, load_base, load_tokenizer
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
-    from jsonextract.evaluation import mean_loss
-    from jsonextract.train_data import check_records, tokenize
+    from jsonextract.models.loading import keep_4bit_layout, load_base, load_tokenizer
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
+    from jsonextract.training.dev_eval import mean_loss
+    from jsonextract.training.batches import check_records, tokenize
 
     mcfg = C.ModelConfig(name=str(tiny_model), quantization="nf4", max_length=160)
     tok = load_tokenizer(str(tiny_model))
@@ -231,13 +231,13 @@ def test_4bit_kernel_paths_agree_and_training_never_repacks(tiny_model):
 def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tiny_model):
     """answer_loss (lm_head only on answer positions) is the model's own full-logit loss; the bf16 autocast path
     (where the CPU has native bf16) stays within bf16 rounding of it."""
-    from jsonextract.data import pad_batch
-    from jsonextract.model import attach_lora, load_base, load_tokenizer
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
-    from jsonextract.distributed import Worker
-    from jsonextract.train_data import check_records, tokenize
-    from jsonextract.training import answer_loss, autocast, cpu_has_native_bf16
+    from jsonextract.data.records import pad_batch
+    from jsonextract.models.loading import attach_lora, load_base, load_tokenizer
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
+    from jsonextract.training.distributed import Worker
+    from jsonextract.training.batches import check_records, tokenize
+    from jsonextract.training.recipe import answer_loss, autocast, cpu_has_native_bf16
 
     cfg = tiny_cfg(tiny_model, Path("/tmp"), "loss")
     tok = load_tokenizer(str(tiny_model))
@@ -261,10 +261,10 @@ def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tin
 def test_tokenised_data_is_cached_once_and_keyed_by_what_it_depends_on(tiny_model, tmp_path):
     """The cache holds exactly what tokenising gives; it is written once, read after; a change of prompt or
     file content is a new entry, never a stale one."""
-    from jsonextract.model import load_tokenizer
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
-    from jsonextract.train_data import check_records, load_tokenized, tokenize
+    from jsonextract.models.loading import load_tokenizer
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
+    from jsonextract.training.batches import check_records, load_tokenized, tokenize
 
     tok = load_tokenizer(str(tiny_model))
     schema = load_schema(SNIPS / "schema.json")
@@ -290,7 +290,7 @@ def test_tokenised_data_is_cached_once_and_keyed_by_what_it_depends_on(tiny_mode
 
 def test_length_grouped_steps_cover_the_epoch_once_pad_less_and_plain_shuffle_is_the_previous_order():
     import random
-    from jsonextract.train_data import epoch_order
+    from jsonextract.training.batches import epoch_order
 
     rng = random.Random(1)
     lengths = [rng.randint(20, 120) for _ in range(1000)]
@@ -313,12 +313,12 @@ def test_length_grouped_steps_cover_the_epoch_once_pad_less_and_plain_shuffle_is
 def test_fused_answer_loss_is_the_models_own_loss_with_the_same_gradients(tiny_model):
     """optim.loss=fused (hidden states -> answer tokens only, one pass) gives the loss and LoRA gradients of the
     model's own full-logit loss; the bf16 autocast path stays within bf16 rounding."""
-    from jsonextract.data import pad_batch
-    from jsonextract.loss import answer_loss, frozen_linear
-    from jsonextract.model import attach_lora, load_base, load_tokenizer
-    from jsonextract.prompt import PromptBuilder
-    from jsonextract.schema import load_schema
-    from jsonextract.train_data import check_records, tokenize
+    from jsonextract.data.records import pad_batch
+    from jsonextract.training.loss import answer_loss, frozen_linear
+    from jsonextract.models.loading import attach_lora, load_base, load_tokenizer
+    from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.schema import load_schema
+    from jsonextract.training.batches import check_records, tokenize
 
     cfg = tiny_cfg(tiny_model, Path("/tmp"), "fused", **{"lora.target_modules": "[q_proj,v_proj]"})
     tok = load_tokenizer(str(tiny_model))

@@ -1,0 +1,116 @@
+"""Files on any filesystem pyarrow speaks (local paths, file://, s3://, gs://, ...): the one place that turns a
+location into a filesystem, lists and reads result files, and writes the small JSON files next to them.
+
+Reading has no side effects. A result file cut short by a crash is an error when read; setting such files aside
+so their rows are extracted again is an explicit step of resuming a batch job (`quarantine_unreadable`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from jsonextract.errors import UserError
+
+RESULT_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def filesystem(location: str | Path) -> tuple[Any, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    location = str(location)
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def is_result_file(path: str) -> bool:
+    """Files named `_*` (the batch job's `_summary.json`, `_metrics.json`) or `.*` are not results."""
+    name = PurePosixPath(path).name
+    return name.endswith(RESULT_SUFFIXES) and not name.startswith(("_", "."))
+
+
+def result_files(location: str | Path) -> list[str]:
+    """Result files under a folder (recursively), or the file itself; [] when nothing is there yet."""
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(location)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [base]
+    entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(e.path for e in entries if e.type == pafs.FileType.File and is_result_file(e.path))
+
+
+def _read_file(fs, path: str, columns: list[str] | None) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    if path.endswith(".parquet"):
+        with fs.open_input_file(path) as fh:
+            f = pq.ParquetFile(fh)
+            have = f.schema_arrow.names
+            return f.read(columns=[c for c in columns if c in have] if columns else None).to_pylist()
+    with fs.open_input_stream(path) as fh:
+        text = fh.read().decode("utf-8")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def read_results(location: str | Path, columns: list[str] | None = None, files: list[str] | None = None) -> list[dict]:
+    """Rows of a result file or folder (Parquet or JSONL), optionally only `columns` (missing ones are None) and
+    only the given `files` of it. A file that cannot be read is an error naming it."""
+    if files is None and "://" not in str(location) and not Path(str(location)).exists():
+        raise UserError(f"not found: {location}")
+    fs, _ = filesystem(location)
+    rows: list[dict] = []
+    for f in files if files is not None else result_files(location):
+        try:
+            rows += _read_file(fs, f, columns)
+        except UserError:
+            raise
+        except Exception as e:  # pyarrow: a Parquet file cut short by a crash
+            raise UserError(f"cannot read result file {f}: {e}") from None
+    if columns:
+        rows = [{c: r.get(c) for c in columns} for r in rows]
+    return rows
+
+
+def quarantine_unreadable(location: str | Path) -> list[str]:
+    """Rename result files that cannot be read (cut short by a crash) to `*.corrupt`, so a resumed job extracts
+    their rows again; returns the renamed files."""
+    fs, _ = filesystem(location)
+    moved = []
+    for f in result_files(location):
+        try:
+            _read_file(fs, f, ["id"] if f.endswith(".parquet") else None)
+        except Exception:
+            fs.move(f, f + ".corrupt")
+            moved.append(f)
+    return moved
+
+
+def remove_results(location: str | Path) -> list[str]:
+    """Delete the result files under a folder (a job told to start over, not to resume); returns them."""
+    fs, _ = filesystem(location)
+    files = result_files(location)
+    for f in files:
+        fs.delete_file(f)
+    return files
+
+
+def write_json(folder: str | Path, name: str, obj: dict) -> str:
+    """Write `obj` as `<folder>/<name>` (local or URI); returns the path written."""
+    fs, base = filesystem(folder)
+    path = f"{base}/{name}"
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(obj, indent=1).encode())
+    return path

@@ -1,0 +1,236 @@
+"""Where each extracted value comes from, and how sure the decoder was of it.
+
+Grounding: every string leaf of an output (list elements included) is looked up in the source text: exactly
+first, then ignoring case, whitespace and punctuation, then by a bounded fuzzy match (rapidfuzz's partial-ratio
+alignment); when a value occurs more than once the occurrence nearest the previous field's span wins. Offsets
+are Python `str` indices into the original text (`text[start:end]` is the matched text). Enum and const values,
+numbers and booleans are labels chosen from the schema, not spans of the text: they are marked "label".
+
+Paths are the flattened paths the metrics use (`slots.artist`), with list elements indexed (`slots.x[0]`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import unicodedata
+from typing import Any, Iterator, Literal
+
+from jsonextract.data.schema import validation_error
+
+FUZZY_MIN_SCORE = 85.0  # rapidfuzz partial_ratio (0-100) a fuzzy match needs
+FUZZY_MIN_CHARS = 4  # shorter values match too many places by chance: exact or normalised only
+Policy = Literal["off", "annotate", "drop_ungrounded"]
+
+
+def leaves(obj: Any, schema: dict | None, root: dict | None = None, prefix: str = "") -> Iterator[tuple]:
+    """(path, value, is_label, parent, key) for every leaf of `obj`, in output order."""
+    root = root if root is not None else schema
+    node = _resolve(schema, root)
+    if isinstance(obj, dict):
+        props = node.get("properties", {}) if isinstance(node, dict) else {}
+        for k, v in obj.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, (dict, list)):
+                yield from leaves(v, props.get(k), root, path)
+            else:
+                yield path, v, _is_label(v, props.get(k), root), obj, k
+    elif isinstance(obj, list):
+        items = node.get("items") if isinstance(node, dict) else None
+        for i, v in enumerate(obj):
+            path = f"{prefix}[{i}]"
+            if isinstance(v, (dict, list)):
+                yield from leaves(v, items, root, path)
+            else:
+                yield path, v, _is_label(v, items, root), obj, i
+
+
+def _resolve(node: Any, root: dict | None) -> Any:
+    for _ in range(32):  # local $ref chains; bounded, a cycle ends here
+        if not (isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/")):
+            return node
+        target: Any = root
+        for part in node["$ref"][2:].split("/"):
+            target = target.get(part, {}) if isinstance(target, dict) else {}
+        node = target
+    return node
+
+
+def _is_label(value: Any, node: Any, root: dict | None) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, (bool, int, float)):
+        return True
+    node = _resolve(node, root)
+    return isinstance(node, dict) and ("enum" in node or "const" in node)
+
+
+# ---------------------------------------------------------------------------------------------- spans
+
+
+class NormalizedText:
+    """The text case-folded, with every run of whitespace and punctuation made one space ("in-Green" and
+    "in  green" both read "in green"), and the index in the original text of every normalised character."""
+
+    def __init__(self, text: str):
+        chars, index = [], []
+        for i, ch in enumerate(text):
+            if ch.isspace() or unicodedata.category(ch)[0] == "P":
+                if chars and chars[-1] != " ":
+                    chars.append(" ")
+                    index.append(i)
+                continue
+            for c in ch.casefold():
+                chars.append(c)
+                index.append(i)
+        self.text, self.index = "".join(chars), index
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """Original-text (start, end) of the normalised slice [start, end)."""
+        return self.index[start], self.index[end - 1] + 1
+
+
+def normalize(value: str) -> str:
+    return NormalizedText(value).text.strip()
+
+
+def _occurrences(haystack: str, needle: str) -> list[int]:
+    out, i = [], haystack.find(needle)
+    while i >= 0 and len(out) < 1000:
+        out.append(i)
+        i = haystack.find(needle, i + 1)
+    return out
+
+
+def locate(value: str, text: str, norm: NormalizedText, anchor: int) -> dict | None:
+    """{"start", "end", "match"} of `value` in `text` (the occurrence nearest `anchor`), or None."""
+    if not value.strip():
+        return None
+    hits = _occurrences(text, value)
+    if hits:
+        start = min(hits, key=lambda s: abs(s - anchor))
+        return {"start": start, "end": start + len(value), "match": "exact"}
+    needle = normalize(value)
+    if not needle:
+        return None
+    hits = _occurrences(norm.text, needle)
+    if hits:
+        spans = [norm.span(h, h + len(needle)) for h in hits]
+        start, end = min(spans, key=lambda s: abs(s[0] - anchor))
+        return {"start": start, "end": end, "match": "normalized"}
+    if len(needle) >= FUZZY_MIN_CHARS and norm.text:
+        from rapidfuzz import fuzz
+        al = fuzz.partial_ratio_alignment(needle, norm.text, score_cutoff=FUZZY_MIN_SCORE)
+        if al is not None and al.dest_end > al.dest_start:
+            start, end = norm.span(al.dest_start, al.dest_end)
+            return {"start": start, "end": end, "match": "fuzzy"}
+    return None
+
+
+def ground(output: Any, text: str, schema: dict | None) -> dict[str, dict | None]:
+    """{path: {"start", "end", "match"} | {"match": "label"} | None} for every non-null leaf of `output`."""
+    norm = NormalizedText(text)
+    out: dict[str, dict | None] = {}
+    anchor = 0
+    for path, value, is_label, _, _ in leaves(output, schema):
+        if value is None:
+            continue
+        if is_label:
+            out[path] = {"match": "label"}
+            continue
+        span = locate(str(value), text, norm, anchor)
+        out[path] = span
+        if span is not None:
+            anchor = span["end"]
+    return out
+
+
+def drop_ungrounded(output: dict, grounding: dict, schema: dict | None) -> tuple[dict, list[str], list[str]]:
+    """(output without the free-text values that are not in the text, paths dropped, paths kept because the
+    schema requires them). A dropped object field is removed (or set to null where only that validates); a
+    dropped list element is removed. The result still validates against `schema`."""
+    out = copy.deepcopy(output)
+    dropped, kept = [], []
+    targets = [(path, parent, key) for path, _, is_label, parent, key in leaves(out, schema)
+               if not is_label and path in grounding and grounding[path] is None]
+    for path, parent, key in reversed(targets):  # from the end: list indices before it stay valid
+        value = parent[key]
+        attempts = ("remove", "null") if isinstance(parent, dict) else ("remove",)
+        for how in attempts:
+            if how == "remove":
+                parent.pop(key)
+            else:
+                parent[key] = None
+            if schema is None or validation_error(out, schema) is None:
+                dropped.append(path)
+                break
+            if how == "remove":
+                if isinstance(parent, dict):
+                    parent[key] = value
+                else:
+                    parent.insert(key, value)
+        else:
+            parent[key] = value
+            kept.append(path)
+    return out, sorted(dropped), sorted(kept)
+
+
+# ---------------------------------------------------------------------------------------------- confidence
+
+
+def leaf_spans(obj: Any, schema: dict | None) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The canonical (compact) JSON of `obj`, and each leaf's character span in it (a string's content, without
+    its quotes). The decoder writes exactly this text, so token offsets map onto it."""
+    spans: dict[str, tuple[int, int]] = {}
+    parts: list[str] = []
+    pos = 0
+
+    def emit(s: str) -> None:
+        nonlocal pos
+        parts.append(s)
+        pos += len(s)
+
+    def walk(v: Any, path: str) -> None:
+        if isinstance(v, dict):
+            emit("{")
+            for i, (k, x) in enumerate(v.items()):
+                emit(("," if i else "") + json.dumps(k, ensure_ascii=False) + ":")
+                walk(x, f"{path}.{k}" if path else str(k))
+            emit("}")
+        elif isinstance(v, list):
+            emit("[")
+            for i, x in enumerate(v):
+                if i:
+                    emit(",")
+                walk(x, f"{path}[{i}]")
+            emit("]")
+        else:
+            s = json.dumps(v, ensure_ascii=False)
+            if isinstance(v, str):
+                spans[path] = (pos + 1, pos + len(s) - 1)
+            elif v is not None:
+                spans[path] = (pos, pos + len(s))
+            emit(s)
+
+    walk(obj, "")
+    return "".join(parts), spans
+
+
+def confidence(raw: str, obj: Any, schema: dict | None, token_ends: list[int], logprobs: list[float]) -> dict:
+    """{path: probability} per leaf: the geometric mean of the probabilities of the tokens that wrote the value,
+    under the constrained (masked, renormalised) distribution. Empty when `raw` is not the canonical form."""
+    text, spans = leaf_spans(obj, schema)
+    if text != raw or not token_ends:
+        return {}
+    out = {}
+    for path, (start, end) in spans.items():
+        lps, prev = [], 0
+        for tok_end, lp in zip(token_ends, logprobs):
+            if tok_end > start and prev < max(end, start + 1):
+                lps.append(lp)
+            prev = tok_end
+            if prev >= max(end, start + 1):
+                break
+        if lps:
+            out[path] = round(math.exp(sum(lps) / len(lps)), 4)
+    return out

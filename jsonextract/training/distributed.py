@@ -1,0 +1,75 @@
+"""Where a training worker runs (rank, world, device) and how the model is sharded across workers (FSDP2)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from jsonextract.models.loading import torch_dtype
+from jsonextract.config.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Worker:
+    rank: int
+    world: int
+    local_rank: int  # rank among the workers of this node
+    device: torch.device
+    in_ray: bool  # started by Ray Train (reports and checkpoints go through ray.train)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def node_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def setup_distributed(cfg: TrainConfig) -> Worker:
+    try:
+        import ray.train
+        ctx = ray.train.get_context()
+        in_ray = ctx.get_world_size() >= 1 and dist.is_initialized()
+    except Exception:
+        in_ray = False
+    if in_ray:
+        import ray.train.torch
+        return Worker(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), ray.train.torch.get_device(),
+                      True)
+    if not dist.is_initialized():  # one process, world size 1: FSDP2 still needs a process group
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=0, world_size=1)
+    device = torch.device("cuda", 0) if cfg.run.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    return Worker(0, 1, 0, device, False)
+
+
+def all_reduce_sum(values: list[float], worker: Worker) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=worker.device if worker.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    for m in model.modules():
+        layers = getattr(m, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
+            return list(layers)
+    raise RuntimeError("could not find the decoder layers to shard (expected a `.layers` ModuleList)")
+
+
+def shard_fsdp2(model, cfg: TrainConfig, worker: Worker) -> None:
+    """fully_shard each decoder layer, then the root: one all-gather per layer in forward and backward."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {}
+    if worker.device.type == "cuda" and cfg.parallel.mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
