@@ -8,7 +8,7 @@ run, on each data set given (SNIPS and Restaurant-8k test by default, with the m
   unconstrained, the dequantised weights step by step, the defaults with the whole prompt in one left-padded pass
   instead of length groups, and the defaults at the batch job's batch size (configs/extract/cpu.yaml), with and
   without length groups, with the model's own full vocabulary projection instead of the loop's
-  (`generation.VocabHead`: allowed tokens only), with transformers' own sdpa attention, and where the defaults run
+  (`vocab_head.VocabHead`: allowed tokens only), with transformers' own sdpa attention, and where the defaults run
   attention's products in bf16 (`attention.HALF`), with the packed attention in fp32;
 - the Ray Data job (rayjobs/extract.py, configs/extract/cpu.yaml, 2 actors) on the previous path (as the job was
   configured before: generate(), NF4, transformers' sdpa, batch 32) against the defaults (the config's), first on an empty
@@ -76,7 +76,7 @@ def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, 
               **decoding):
     from jsonextract.config import core as C
     from jsonextract.decoding.extractor import Extractor
-    from jsonextract.models.loading import load_for_inference
+    from jsonextract.models.inference import load_for_inference
     from jsonextract.data.prompt import PromptBuilder
     from jsonextract.data.schema import load_schema
 
@@ -88,7 +88,7 @@ def extractor(model: str, adapter: str | None, schema_file: Path, weights: str, 
 
 def run_variant(ex, texts, targets, **decoding) -> dict:
     from jsonextract.decoding.extractor import extract_in_batches
-    from jsonextract.decoding.generation import DecodeStats
+    from jsonextract.decoding.generated import DecodeStats
     from jsonextract.evaluation.metrics import score_results
     from jsonextract.models.precision import matmul_dtype
     import torch
@@ -135,13 +135,13 @@ def torch_threads() -> int:
 @contextlib.contextmanager
 def one_prompt_pass():
     """The decoding loop as it was before prompts were computed in length groups: one left-padded pass."""
-    from jsonextract.decoding import generation as generation
-    groups = generation.length_groups
-    generation.length_groups = lambda lengths, overhead: [list(range(len(lengths)))]
+    from jsonextract.decoding import loop
+    groups = loop.length_groups
+    loop.length_groups = lambda lengths, overhead: [list(range(len(lengths)))]
     try:
         yield
     finally:
-        generation.length_groups = groups
+        loop.length_groups = groups
 
 
 @contextlib.contextmanager
@@ -160,13 +160,13 @@ def attention_as(ex, name: str = "sdpa"):
 @contextlib.contextmanager
 def model_projection():
     """The decoding loop as it was before it projected onto the vocabulary itself: the model's full logits."""
-    from jsonextract.decoding import generation as generation
-    for_model = generation.VocabHead.for_model
-    generation.VocabHead.for_model = classmethod(lambda cls, model: None)
+    from jsonextract.decoding.vocab_head import VocabHead
+    for_model = VocabHead.for_model
+    VocabHead.for_model = classmethod(lambda cls, model: None)
     try:
         yield
     finally:
-        generation.VocabHead.for_model = for_model
+        VocabHead.for_model = for_model
 
 
 def spread(lines: list[str], n: int) -> list[str]:

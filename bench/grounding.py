@@ -30,7 +30,7 @@ def main() -> int:
     args = ap.parse_args()
     from jsonextract.config import core as C
     from jsonextract.decoding.extractor import Extractor, extract_in_batches
-    from jsonextract.models.loading import load_for_inference
+    from jsonextract.models.inference import load_for_inference
     from jsonextract.data.prompt import PromptBuilder
     from jsonextract.data.schema import load_schema
 

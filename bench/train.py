@@ -198,7 +198,7 @@ def main() -> int:
         return 0
     steps, log_every, batch = (6, 2, 8) if args.quick else (args.steps, max(args.steps // 6, 1), 32)
     records = 256 if args.quick else 0  # quick: tokenising all 13,065 records is most of a tiny run
-    from jsonextract.training.recipe import cpu_has_native_bf16
+    from jsonextract.hardware import fast_bf16
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         model = args.model
@@ -215,8 +215,8 @@ def main() -> int:
         rows = {"previous job (plain shuffle, SDPA, model logits), 2 workers x 1 CPU, FSDP2": job(ov + PREVIOUS, 2, batch, tmp, "previous"),
                 "defaults, 2 workers x 1 CPU, FSDP2": job(ov, 2, batch, tmp, "defaults-2"),
                 "defaults, 1 worker x 2 CPUs (unsharded)": job(ov, 1, batch, tmp, "defaults-1")}
-        roof = roofline(model, parts["defaults"], rows, cpu_has_native_bf16())  # while a --quick model exists
-    lines = [f"# Training throughput ({cpu_name()}, {os.cpu_count()} CPUs; native bf16: {cpu_has_native_bf16()})", "",
+        roof = roofline(model, parts["defaults"], rows, fast_bf16())  # while a --quick model exists
+    lines = [f"# Training throughput ({cpu_name()}, {os.cpu_count()} CPUs; fast bf16: {fast_bf16()})", "",
              f"`{' '.join(['.venv/bin/python', 'bench/train.py', *sys.argv[1:]])}` at commit {commit()}; QLoRA (NF4, "
              f"LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per step.", "",
              f"## Where a step's time goes (one process, no Ray, {batch // 2} sequences: a worker's share; seconds per step)", "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, TypeVar
 
+import __main__
 from jsonextract.config.core import load, split_cli
 from jsonextract.errors import UserError
 
@@ -13,8 +14,6 @@ T = TypeVar("T")
 
 def parse(cls: type[T], argv: list[str] | None = None) -> T:
     """The job's config from `[--config FILE] [key=value ...]`; `--help` lists every setting and exits."""
-    import __main__
-
     doc = (getattr(__main__, "__doc__", None) or "").strip()
     usage = doc or f"usage: {sys.argv[0]} [--config FILE] [key=value ...]"
     path, overrides = split_cli(sys.argv[1:] if argv is None else argv, cls, usage)

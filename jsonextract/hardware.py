@@ -1,5 +1,6 @@
-"""What this machine can do for a model's matrix products: the one probe the decoding and training benchmarks
-compare their throughput with.
+"""What this machine can do for a model's matrix products: whether bf16 products pay here (the one rule training's
+autocast and inference's dtype both follow), and the roofline probe the decoding and training benchmarks compare
+their throughput with.
 
 A pass multiplies `rows` random rows through matrices of the model's shapes (every Linear of every decoder
 layer, then the output projection; no attention, norms or Python), the weights distinct tensors so each is read
@@ -11,9 +12,52 @@ The rate is the best of the timed passes that fit in `budget_s` (at least one), 
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
+
+from jsonextract.lazy import lazy
+
+torch = lazy("torch")
+
+
+# bf16 decoding wins where it is measured at least this much faster than model.dtype at decoding's shapes
+# (measured ratios lie far from it: 2.6-7x with AMX or Zen 5's AVX512-BF16, below 0.7x elsewhere).
+BF16_MIN_SPEEDUP = 1.5
+
+
+@functools.cache
+def bf16_matmul_speedup() -> float:
+    """How many times faster than fp32 this CPU multiplies decoding-shaped matrices in bf16 (a 64-row activation
+    by a 576x1536 weight, SmolLM2's MLP; the best of a few, at torch's thread count; about 30 ms, once a process;
+    where bf16 is emulated, one timed call 20x fp32's is enough: 0.2 s instead of 0.47 on a Zen 3, one thread)."""
+    # Measured, not read from CPU flags: which kernel a bf16 product gets depends on the CPU, on oneDNN's
+    # dispatch and on the environment, and the flags do not tell the speed. At decoding's shapes (32-1000 rows by
+    # 576x1536), one thread, fp32 / bf16 time: 2-core Sapphire Rapids (AMX) 2.6-7.3x; the same CPU with oneDNN held to
+    # AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 0.65x; 2-core AMD EPYC Zen 5 (AVX512-BF16, no AMX) 3.1-4.6x
+    # (MKL's fp32 runs there at about 100 GFLOP/s, oneDNN's bf16 at 290-470); oneDNN held to AVX2 0.01x (its
+    # reference kernel: 174 ms against 2 ms).
+    def best(dtype, give_up: float = float("inf")) -> float:
+        a, b = torch.randn(64, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        a @ b  # oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(4):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+            if times[-1] > give_up:  # far too slow to win: oneDNN's reference kernel takes 174 ms a call
+                break
+        return min(times)
+
+    with torch.inference_mode():
+        fp32 = best(torch.float32)
+        return fp32 / best(torch.bfloat16, give_up=20 * fp32)
+
+
+def fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices at least BF16_MIN_SPEEDUP times as fast as fp32 (measured once)."""
+    return bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
 
 
 def matmul_shapes(model_dir: str) -> list[tuple[int, int]]:
@@ -31,8 +75,6 @@ def matmul_params(model_dir: str) -> int:
 
 def pass_seconds(model_dir: str, rows: int, dtype: str = "float32", reps: int = 5, budget_s: float = 2.0) -> float:
     """Seconds of one warm pass of `rows` rows through the model's matrices in `dtype` (see the module docstring)."""
-    import torch
-
     shapes = matmul_shapes(model_dir)
     dt = getattr(torch, dtype)
     weights = [torch.randn(a, b, dtype=dt) for a, b in shapes]

@@ -15,9 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
-from jsonextract.errors import UserError  # noqa: E402
-from jsonextract.evaluation.metrics import format_table, score_files  # noqa: E402
 from jsonextract.data.schema import load_schema  # noqa: E402
+from jsonextract.errors import UserError  # noqa: E402
+from jsonextract.evaluation.score import format_table, score_files  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -16,15 +16,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
-from jsonextract.errors import UserError  # noqa: E402
-from jsonextract.batch.replica import (ExtractActor, balanced_batch_rows, parse_file,  # noqa: E402
-                               resolve_inputs, summarise)
+from jsonextract.batch.replica import ExtractActor, balanced_batch_rows, parse_file, resolve_inputs, summarise  # noqa: E402
 from jsonextract.config.extract import ExtractConfig  # noqa: E402
-from jsonextract.data.io import (filesystem, quarantine_unreadable, read_results, remove_results,  # noqa: E402
-                            result_files, write_json)
-from jsonextract.evaluation.metrics import format_table, score_results  # noqa: E402
-from jsonextract.models.loading import check_model_name, read_manifest  # noqa: E402
+from jsonextract.data.io import (  # noqa: E402
+    filesystem,
+    quarantine_unreadable,
+    read_results,
+    remove_results,
+    result_files,
+    write_json,
+)
 from jsonextract.data.schema import load_schema  # noqa: E402
+from jsonextract.errors import UserError  # noqa: E402
+from jsonextract.evaluation.metrics import score_results  # noqa: E402
+from jsonextract.evaluation.score import format_table  # noqa: E402
+from jsonextract.models.loading import check_model_name
+from jsonextract.models.manifest import read_manifest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,15 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
-from jsonextract.models.base import is_default  # noqa: E402
-from jsonextract.data.io import read_results  # noqa: E402
 from jsonextract.config.core import load  # noqa: E402
-from jsonextract.data.records import read_jsonl, spread  # noqa: E402
-from jsonextract.evaluation.metrics import format_table, score_files  # noqa: E402
-from jsonextract.data.schema import load_schema  # noqa: E402
 from jsonextract.config.pipeline import PipelineConfig  # noqa: E402
-from jsonextract.evaluation.report import write_report  # noqa: E402
 from jsonextract.config.train import TrainConfig  # noqa: E402
+from jsonextract.data.io import read_results  # noqa: E402
+from jsonextract.data.records import read_jsonl, spread  # noqa: E402
+from jsonextract.data.schema import load_schema  # noqa: E402
+from jsonextract.evaluation.report import write_report  # noqa: E402
+from jsonextract.evaluation.score import format_table, score_files  # noqa: E402
+from jsonextract.models.base import is_default  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from jsonextract import cli  # noqa: E402
-from jsonextract.models.loading import check_model_name  # noqa: E402
-from jsonextract.data.schema import load_schema  # noqa: E402
 from jsonextract.config.train import TrainConfig  # noqa: E402
+from jsonextract.data.schema import load_schema  # noqa: E402
+from jsonextract.models.loading import check_model_name  # noqa: E402
 from jsonextract.training.batches import check_records, schema_path  # noqa: E402
 from jsonextract.training.recipe import train_loop_per_worker  # noqa: E402
 
@@ -80,6 +80,7 @@ def fit_with_ray(cfg: TrainConfig):
 def fit_locally(cfg: TrainConfig):
     train_loop_per_worker({"cfg": cfg})
     import json
+
     from jsonextract.training.checkpoint import local_checkpoints
     latest = local_checkpoints(Path(cfg.run.storage_path) / cfg.run.name)[-1]
     return str(latest), json.loads((latest / "manifest.json").read_text())["metrics"]

@@ -15,6 +15,7 @@ was not resolved, and FastAPI took the chat body for a required query parameter 
 """
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -29,14 +30,24 @@ from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError
 
-from jsonextract.config.core import build
-from jsonextract.data.records import parse_context
-from jsonextract.data.prompt import context_text
+from jsonextract.config.core import PromptConfig, build
 from jsonextract.config.serve import LimitsConfig, ServeConfig
+from jsonextract.data.prompt import PromptBuilder, context_text
+from jsonextract.data.records import parse_context
+from jsonextract.data.schema import SchemaError, check_limits, check_schema, load_schema
+from jsonextract.decoding.extractor import Extractor
+from jsonextract.lazy import lazy
+from jsonextract.models.adapters import NAME, Adapter, AdapterRegistry, MultiAdapterModel, UnknownAdapter
+from jsonextract.models.loading import ModelLoadError, resolve_device
+from jsonextract.models.manifest import temperature_of
+
+torch = lazy("torch")
 
 # ---------------------------------------------------------------------------------------------- API types
 
@@ -137,13 +148,6 @@ def check_unicode(value: Any, what: str) -> None:
 @serve.deployment(ray_actor_options={"num_cpus": 1})
 class Model:
     def __init__(self, cfg: ServeConfig):
-        import torch
-
-        from jsonextract.models.adapters import Adapter, AdapterRegistry, MultiAdapterModel
-        from jsonextract.models.loading import resolve_device
-        from jsonextract.data.prompt import PromptBuilder
-        from jsonextract.data.schema import load_schema
-
         device = resolve_device(cfg.device)
         # Ray sets OMP_NUM_THREADS to an actor's CPU reservation (floored, at least 1), so a replica that reserves
         # 1 CPU decodes on one thread even when the machine has more cores idle (measured: 1.1 requests/s vs 2.3
@@ -154,7 +158,6 @@ class Model:
         self.device = device
         self.registry = AdapterRegistry(cfg.adapters, cfg.adapter)
         self.lm = MultiAdapterModel(cfg.model, self.registry, device)
-        from jsonextract.config.core import PromptConfig
         self.base = Adapter("", PromptBuilder(PromptConfig(), load_schema(cfg.schema) if cfg.schema else None), None)
         self.extractors: dict[str, Any] = {}
         self.evicted: deque = deque()  # adapters Serve dropped from this replica; detached between batches
@@ -173,8 +176,6 @@ class Model:
         self.get_adapter = get_adapter
 
     def extractor(self, adapter) -> Any:
-        from jsonextract.decoding.extractor import Extractor
-        from jsonextract.training.temperature import temperature_of
         ex = self.extractors.get(adapter.name)
         if ex is None or ex.prompt is not adapter.prompt:
             shared = next(iter(self.extractors.values()))._compiler if self.extractors else None
@@ -205,7 +206,6 @@ class Model:
 
     async def compile(self, adapter, schema: dict) -> None:
         """Compile (or find cached) the grammar of `schema` in a worker thread, within the time limit."""
-        from jsonextract.data.schema import SchemaError
         ex = self.extractor(adapter)
         loop = asyncio.get_running_loop()
         try:
@@ -218,7 +218,6 @@ class Model:
             raise RequestError(400, public(str(e))) from None
 
     async def info(self, name: str = "") -> dict:
-        import torch
         adapter = (await self.get_adapter(name)).adapter if name else self.base
         recent = self.batch_sizes
         return {"adapter": name, "schema": adapter.prompt.schema, "manifest": adapter.manifest,
@@ -229,8 +228,6 @@ class Model:
 
     async def __call__(self, item: dict) -> dict:
         """One request; errors that are the caller's come back as {'status', 'detail'} (handles carry values)."""
-        from jsonextract.models.adapters import UnknownAdapter
-        from jsonextract.models.loading import ModelLoadError
         name = serve.get_multiplexed_model_id()
         try:
             try:
@@ -393,7 +390,6 @@ def unavailable(detail: str) -> HTTPException:
 @serve.ingress(app)
 class Api:
     def __init__(self, model, cfg: ServeConfig, hashes: list[bytes]):
-        from jsonextract.models.adapters import AdapterRegistry
         self.model, self.cfg, self.limits = model, cfg, cfg.limits
         self.registry = AdapterRegistry(cfg.adapters, cfg.adapter)
         names = self.registry.names()
@@ -401,7 +397,6 @@ class Api:
         GuardSettings.key_hashes, GuardSettings.max_body = hashes, cfg.limits.max_body_bytes
 
     def adapter_name(self, requested: Optional[str]) -> str:
-        from jsonextract.models.adapters import NAME
         name = requested if requested else self.default
         if name and (not NAME.match(name) or name not in self.registry.names()):
             self.registry.refresh()
@@ -411,7 +406,6 @@ class Api:
         return name
 
     async def _one(self, req: ExtractRequest) -> dict:
-        from jsonextract.data.schema import SchemaError, check_limits, check_schema
         if not req.text.strip():
             raise HTTPException(400, "text must be a non-empty string")
         check_unicode(req.text, "text")
@@ -446,8 +440,6 @@ class Api:
 
     async def call_model(self, name: str, item: dict) -> dict:
         """The model's answer, or 503 + Retry-After when the replicas are full, gone, or too slow."""
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError
         handle = self.model.options(multiplexed_model_id=name) if name else self.model
         response = handle.remote(item)
         try:
@@ -523,7 +515,6 @@ class Api:
     @app.get("/", include_in_schema=False)
     async def page(self):
         """The web page: paste a text, extract, see each value highlighted in the text (no external assets)."""
-        from fastapi.responses import HTMLResponse
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/healthz", summary="Liveness (open without an API key)")
@@ -539,7 +530,6 @@ class Api:
 
 def build_app(args: dict) -> serve.Application:
     """Application builder for `serve run` / `serve deploy` (import path `serve.app:build_app`)."""
-    import dataclasses
     cfg = build(ServeConfig, dict(args), source="serve application args")
     for key in ("adapter", "adapters", "schema", "api_keys_file"):
         p = getattr(cfg, key)

@@ -5,7 +5,7 @@ import pytest
 from jsonextract.config import core as C
 from jsonextract.data.records import read_jsonl
 from jsonextract.decoding.extractor import Extractor
-from jsonextract.models.loading import load_for_inference
+from jsonextract.models.inference import load_for_inference
 from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.schema import SchemaError, validation_error
 from conftest import SNIPS
@@ -133,7 +133,7 @@ def test_forced_end_is_the_rest_of_the_answer_exactly_when_nothing_is_left_to_ch
     none is, exactly the target's remaining tokens (closing braces, eos); where it returns None the matcher is as
     before (the target's next tokens are still accepted)."""
     import xgrammar as xgr
-    from jsonextract.decoding.generation import forced_end
+    from jsonextract.decoding.grammar import forced_end
     from jsonextract.data.schema import load_schema
     schema = load_schema(SNIPS.parent / data / "schema.json")
     prompt = PromptBuilder(C.PromptConfig(), schema)
@@ -158,7 +158,8 @@ def test_decoding_loop_matches_generate_token_for_token(extractor):
     """Unconstrained, with prompts of different lengths (left padding) and the shared-prefix cache: the loop's
     greedy tokens are model.generate()'s, so its cache, padding holes and position ids are right."""
     import torch
-    from jsonextract.decoding.generation import PrefixCache, greedy_generate
+    from jsonextract.decoding.kv_cache import PrefixCache
+    from jsonextract.decoding.loop import greedy_generate
 
     tok = extractor.tokenizer
     prompts = [extractor.prompt.encode_prompt(tok, t).ids
@@ -169,7 +170,7 @@ def test_decoding_loop_matches_generate_token_for_token(extractor):
     with torch.inference_mode():
         ref = extractor.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
                                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, n:].tolist()
-    from jsonextract.decoding.generation import PassCost, length_groups
+    from jsonextract.decoding.scheduling import PassCost, length_groups
     assert len(length_groups([len(p) for p in prompts], PassCost.for_device("cpu").prior)) > 1  # caches joined
     cache = PrefixCache()
     for prefix in (None, cache, cache):  # no prefix; prefix computed; prefix reused
@@ -182,7 +183,7 @@ def test_decoding_loop_matches_generate_token_for_token(extractor):
 
 
 def test_prompt_length_groups_partition_the_rows():
-    from jsonextract.decoding.generation import length_groups
+    from jsonextract.decoding.scheduling import length_groups
     lengths = [5, 30, 6, 29, 5]
     groups = length_groups(lengths, overhead=2.0)
     assert sorted(j for g in groups for j in g) == [0, 1, 2, 3, 4]  # every row once
@@ -281,7 +282,7 @@ def test_gqa_model_decodes_with_packed_attention_as_with_sdpa(tiny_model, snips_
 
 
 def test_prefix_cache_is_dropped_when_weights_change(extractor):
-    from jsonextract.decoding.generation import PrefixCache
+    from jsonextract.decoding.kv_cache import PrefixCache
     extractor.extract(["play jazz", "play rock"])
     assert extractor._prefix.ids
     extractor.weights_changed()
@@ -319,7 +320,7 @@ def test_bf16_inference_on_cpu_keeps_outputs_valid_and_close(extractor, tiny_mod
     import dataclasses
     lm = load_for_inference(C.ModelConfig(name=str(tiny_model), **precision), None)
     import torch
-    from jsonextract.decoding.generation import VocabHead
+    from jsonextract.decoding.vocab_head import VocabHead
     from jsonextract.models.precision import matmul_dtype
     assert matmul_dtype(lm.model) == torch.bfloat16
     hidden = torch.randn(3, lm.model.config.hidden_size, dtype=torch.bfloat16)
@@ -362,7 +363,8 @@ def test_vocab_head_gives_the_full_projections_masked_argmax(extractor):
 
     import torch
     import xgrammar as xgr
-    from jsonextract.decoding.generation import VocabHead, masked_argmax
+    from jsonextract.decoding.grammar import masked_argmax
+    from jsonextract.decoding.vocab_head import VocabHead
 
     model = extractor.model
     head = VocabHead.for_model(model)
@@ -394,7 +396,8 @@ def test_vocab_head_in_bf16_gives_the_fp32_argmax(extractor):
     is not, masked or not, and the log-probabilities stay close."""
     import torch
     import xgrammar as xgr
-    from jsonextract.decoding.generation import VocabHead, masked_argmax
+    from jsonextract.decoding.grammar import masked_argmax
+    from jsonextract.decoding.vocab_head import VocabHead
 
     model = extractor.model
     weight = model.get_output_embeddings().weight
@@ -423,7 +426,8 @@ def test_vocab_head_runs_a_peft_models_active_lora_adapter(extractor):
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from jsonextract.decoding.generation import VocabHead, greedy_generate
+    from jsonextract.decoding.loop import greedy_generate
+    from jsonextract.decoding.vocab_head import VocabHead
 
     tok = extractor.tokenizer
     torch.manual_seed(0)
@@ -456,7 +460,8 @@ def test_growing_cache_keeps_the_rows_a_dynamic_cache_keeps():
     are a DynamicCache's with the same rows selected."""
     import torch
     from transformers import DynamicCache
-    from jsonextract.decoding.generation import _growing, fill_holes
+    from jsonextract.decoding.kv_cache import growing_cache as _growing
+    from jsonextract.decoding.scheduling import fill_holes
 
     assert fill_holes([0, 2, 3, 5]) == [0, 5, 2, 3] and fill_holes([1, 2]) == [2, 1]
     torch.manual_seed(0)

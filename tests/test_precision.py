@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from jsonextract.config import core as C
-from jsonextract.models.loading import load_for_inference, load_inference_base, to_inference_dtype
+from jsonextract.models.inference import load_for_inference, to_inference_dtype
+from jsonextract.models.loading import load_inference_base
 from jsonextract.models.precision import lower_matmul_precision, matmul_dtype
 from test_merged_weights import make_adapter
 

@@ -5,7 +5,8 @@ import torch
 
 from jsonextract.config import core as C
 from jsonextract.data.records import read_jsonl
-from jsonextract.models.loading import ModelLoadError, attach_lora, load_base, load_tokenizer, read_manifest, write_manifest
+from jsonextract.models.loading import ModelLoadError, attach_lora, load_base, load_tokenizer
+from jsonextract.models.manifest import read_manifest, write_manifest
 from jsonextract.data.prompt import PromptBuilder
 from conftest import SNIPS
 

@@ -10,7 +10,8 @@ from conftest import R8K, SNIPS
 
 @pytest.fixture(scope="module")
 def tiny_adapter(tiny_model, tmp_path_factory, snips_schema):
-    from jsonextract.models.loading import attach_lora, load_base, load_tokenizer, write_manifest
+    from jsonextract.models.loading import attach_lora, load_base, load_tokenizer
+    from jsonextract.models.manifest import write_manifest
     out = tmp_path_factory.mktemp("adapter") / "a"
     torch.manual_seed(0)
     model = attach_lora(load_base(C.ModelConfig(name=str(tiny_model))), C.LoraSettings(r=4, alpha=8, dropout=0.0))
@@ -25,7 +26,7 @@ def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale():
     temperature lowers the NLL of the values' rightness; with logits three times as large it is three times as large."""
     from jsonextract.models.base import DEFAULT_DIR, ensure_base
     from jsonextract.decoding.extractor import Extractor
-    from jsonextract.models.loading import load_for_inference
+    from jsonextract.models.inference import load_for_inference
     from jsonextract.data.prompt import PromptBuilder
     from jsonextract.data.schema import load_schema
     from jsonextract.training.temperature import Sample, fit_temperature, value_nll, value_samples
@@ -49,8 +50,9 @@ def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale():
 
 
 def test_calibration_lands_in_the_manifest(tiny_adapter):
-    from jsonextract.models.loading import read_manifest
-    from jsonextract.training.temperature import calibrate_adapter, temperature_of
+    from jsonextract.models.manifest import read_manifest
+    from jsonextract.training.temperature import calibrate_adapter
+    from jsonextract.models.manifest import temperature_of
 
     entry = calibrate_adapter(str(tiny_adapter), C.ModelConfig(merged_cache=""), C.DecodingConfig(max_new_tokens=48),
                               str(SNIPS / "dev.jsonl"), 16, 256)
@@ -61,7 +63,7 @@ def test_calibration_lands_in_the_manifest(tiny_adapter):
 
 def test_temperature_changes_the_confidence_not_the_output(tiny_adapter):
     from jsonextract.decoding.extractor import Extractor
-    from jsonextract.models.loading import load_for_inference
+    from jsonextract.models.inference import load_for_inference
     from jsonextract.data.prompt import PromptBuilder
 
     lm = load_for_inference(C.ModelConfig(merged_cache=""), str(tiny_adapter))

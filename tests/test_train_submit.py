@@ -31,7 +31,7 @@ def test_ray_job_submit_on_local_cluster(tiny_model, tmp_path):
         assert "succeeded" in r.stdout.lower()
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
-    from jsonextract.models.loading import load_for_inference
+    from jsonextract.models.inference import load_for_inference
     lm = load_for_inference(C.ModelConfig(), str(out))
     ids = lm.tokenizer("play jazz", return_tensors="pt")
     assert lm.model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import glob
 import io
 import json
 import math
@@ -14,11 +15,21 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from jsonextract.data.records import Columns, Record, check_record, parse_jsonl
-from jsonextract.decoding.extractor import extract_in_batches
-from jsonextract.errors import UserError
 from jsonextract.config.extract import ExtractConfig
 from jsonextract.data.io import filesystem
+from jsonextract.data.prompt import PromptBuilder
+from jsonextract.data.records import Columns, Record, check_record, parse_jsonl
+from jsonextract.data.schema import order_like_schema, validation_error
+from jsonextract.decoding.extractor import Extractor, Result, apply_grounding, extract_in_batches
+from jsonextract.errors import UserError
+from jsonextract.lazy import lazy
+from jsonextract.models.inference import load_for_inference
+from jsonextract.models.manifest import temperature_of
+
+pafs = lazy("pyarrow.fs")
+pd = lazy("pandas")
+pq = lazy("pyarrow.parquet")
+torch = lazy("torch")
 
 
 
@@ -28,15 +39,12 @@ from jsonextract.data.io import filesystem
 def resolve_inputs(spec: str) -> tuple[list[str], Any]:
     """(paths, pyarrow filesystem) for a file, folder, glob or URI (`s3://bucket/dir/*.jsonl`, `file:///...`);
     an empty match is an error naming `spec`."""
-    import pyarrow.fs as pafs
-
     has_glob = any(c in spec for c in "*?[")
     if "://" in spec:
         root = spec.split("*")[0].rsplit("/", 1)[0] if has_glob else spec  # the folder above the first wildcard
         fs, base = filesystem(root)
         pattern = base + spec[len(root):] if has_glob else None  # same form as the FileInfo paths it is matched to
     elif has_glob:
-        import glob
         paths = sorted(str(Path(p).resolve()) for p in glob.glob(str(Path(spec).expanduser()), recursive=True)
                        if Path(p).is_file())
         if not paths:
@@ -111,7 +119,6 @@ def parse_file(item: dict, cfg: ExtractConfig) -> Iterator[dict]:
         return
     try:
         if fmt == "parquet":
-            import pyarrow.parquet as pq
             records = pq.read_table(io.BytesIO(data)).to_pylist()
         else:
             records = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
@@ -157,7 +164,6 @@ def replica_device(gpus_per_actor: float) -> str:
     is always "cuda", index 0); a replica given none runs on the CPU."""
     if gpus_per_actor <= 0:
         return "cpu"
-    import torch
     if not torch.cuda.is_available():
         raise UserError(f"pool.gpus_per_actor={gpus_per_actor}, but this replica sees no CUDA GPU "
                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}; torch {torch.__version__})")
@@ -174,10 +180,6 @@ class ExtractActor:
             self._die = True
         else:
             self._die = False
-        from jsonextract.decoding.extractor import Extractor
-        from jsonextract.models.loading import load_for_inference
-        from jsonextract.data.prompt import PromptBuilder
-        from jsonextract.training.temperature import temperature_of
 
         self.cfg = cfg
         device = replica_device(cfg.pool.gpus_per_actor)
@@ -192,8 +194,6 @@ class ExtractActor:
         print(f"[extract] replica ready on {device}: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def __call__(self, batch):
-        import pandas as pd
-
         t0 = time.time()
         if self._die:  # TEST ONLY: simulate a crashed replica (process exit, like an OOM kill)
             os._exit(1)
@@ -252,8 +252,6 @@ class ExtractActor:
         return res.to_row() | {"chunks": 1}
 
     def _chunked(self, text: str, context=None) -> dict:
-        from jsonextract.data.schema import validation_error
-
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         overhead = len(self.extractor.prompt.encode_prompt(self.tokenizer, "", context=context).ids)
         window = max(self.extractor.max_prompt_tokens - overhead - 8, 16)
@@ -271,8 +269,6 @@ class ExtractActor:
         msg = validation_error(merged, schema) if schema is not None else None
         if msg:
             return base | {"output": None, "valid": False, "error": f"schema_invalid: merged chunks {msg}"}
-        from jsonextract.decoding.extractor import Result, apply_grounding
-        from jsonextract.data.schema import order_like_schema
         # Grounded against the whole text, so offsets are into the whole text. A value's confidence comes from
         # the chunk that first wrote its path.
         res = Result(order_like_schema(merged, schema), True, None,

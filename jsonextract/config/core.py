@@ -7,6 +7,8 @@ Configs are plain frozen data, so they pickle to Ray workers unchanged.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -243,9 +245,6 @@ def to_dict(cfg: Any) -> dict:
 
 def field_comments(cls: type) -> dict[str, str]:
     """{field name: its one-line comment} read from the class source, where each setting is declared once."""
-    import inspect
-    import re
-
     out: dict[str, str] = {}
     for line in inspect.getsource(cls).splitlines():
         m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)

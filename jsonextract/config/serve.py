@@ -5,7 +5,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from jsonextract.config.core import ConfigError, DecodingConfig, ModelConfig
-from jsonextract.data.schema import SchemaLimits
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    """Bounds on a schema that arrives with a request: its grammar is compiled on the server, and its cost grows
+    with each of these (an enum of 50,000 values took 19 s to compile)."""
+    max_bytes: int = 20_000  # compact JSON size of the schema
+    max_depth: int = 32  # nesting of the schema document (each object level is two: properties, then the name)
+    max_properties: int = 200  # property names over the whole schema
+    max_enum_values: int = 500  # values in any one enum
+    max_pattern_length: int = 200  # characters of any one `pattern`
 
 
 @dataclass(frozen=True)

@@ -11,14 +11,16 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from jsonextract.errors import UserError
+from jsonextract.lazy import lazy
+
+pafs = lazy("pyarrow.fs")
+pq = lazy("pyarrow.parquet")
 
 RESULT_SUFFIXES = (".parquet", ".jsonl", ".json")
 
 
 def filesystem(location: str | Path) -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) for a local path or a URI."""
-    import pyarrow.fs as pafs
-
     location = str(location)
     if "://" in location:
         return pafs.FileSystem.from_uri(location)
@@ -33,8 +35,6 @@ def is_result_file(path: str) -> bool:
 
 def result_files(location: str | Path) -> list[str]:
     """Result files under a folder (recursively), or the file itself; [] when nothing is there yet."""
-    import pyarrow.fs as pafs
-
     fs, base = filesystem(location)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
@@ -46,8 +46,6 @@ def result_files(location: str | Path) -> list[str]:
 
 
 def _read_file(fs, path: str, columns: list[str] | None) -> list[dict]:
-    import pyarrow.parquet as pq
-
     if path.endswith(".parquet"):
         with fs.open_input_file(path) as fh:
             f = pq.ParquetFile(fh)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonextract.config.core import PromptConfig
+from jsonextract.data.records import Example
 from jsonextract.data.schema import canonical_json, load_schema, order_like_schema
 
 PROMPT_VERSION = "2"  # 2: an optional context line before the text
@@ -95,8 +96,6 @@ class PromptBuilder:
 
     def encode_example(self, tokenizer: Any, text: str, target: Any, max_length: int, context: Any = None):
         """(input_ids, labels) with labels -100 on the prompt; None if prompt + answer exceed max_length."""
-        from jsonextract.data.records import Example
-
         prompt = self.encode_prompt(tokenizer, text, context=context).ids
         answer = self.encode_answer(tokenizer, target)
         if len(prompt) + len(answer) > max_length:

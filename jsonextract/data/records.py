@@ -13,6 +13,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
 from jsonextract.errors import UserError
+from jsonextract.lazy import lazy
+
+torch = lazy("torch")
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,6 @@ class Example:
 
 def pad_batch(examples: list[Example], pad_id: int, multiple_of: int = 8) -> dict[str, "Any"]:
     """Right-pad a list of examples into tensors (training uses right padding; generation uses left)."""
-    import torch
-
     n = max(len(e) for e in examples)
     n = -(-n // multiple_of) * multiple_of
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)

@@ -4,14 +4,18 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonschema
 from jsonschema import Draft202012Validator
+from referencing import Registry
+from referencing.exceptions import NoSuchResource, Unresolvable
 
 from jsonextract.errors import UserError
+
+if TYPE_CHECKING:
+    from jsonextract.config.serve import SchemaLimits
 
 
 class SchemaError(UserError):
@@ -30,18 +34,7 @@ def check_schema(schema: Any, source: str = "schema") -> dict:
     return schema
 
 
-@dataclass(frozen=True)
-class SchemaLimits:
-    """Bounds on a schema that arrives with a request: its grammar is compiled on the server, and its cost grows
-    with each of these (an enum of 50,000 values took 19 s to compile)."""
-    max_bytes: int = 20_000  # compact JSON size of the schema
-    max_depth: int = 32  # nesting of the schema document (each object level is two: properties, then the name)
-    max_properties: int = 200  # property names over the whole schema
-    max_enum_values: int = 500  # values in any one enum
-    max_pattern_length: int = 200  # characters of any one `pattern`
-
-
-def check_limits(schema: Any, limits: SchemaLimits) -> None:
+def check_limits(schema: Any, limits: "SchemaLimits") -> None:
     """SchemaError naming the first bound `schema` breaks, or a `$ref` that is not local (`#/...`). Walks the
     document without recursion, so a schema nested thousands deep is refused, not a RecursionError."""
     properties = 0
@@ -124,18 +117,15 @@ def order_like_schema(obj: Any, schema: dict | None, root: dict | None = None) -
 def _refuse_retrieval(uri: str):
     # jsonschema fetches a remote `$ref` over HTTP unless the registry says otherwise: a server-side request
     # forgery when the schema comes from a request. Only local `#/...` references are ever resolved.
-    from referencing.exceptions import NoSuchResource
     raise NoSuchResource(ref=uri)
 
 
 def _local_registry():
-    from referencing import Registry
     return Registry(retrieve=_refuse_retrieval)
 
 
 def validation_error(obj: Any, schema: dict) -> str | None:
     """None if `obj` validates against `schema`, else a one-line message with the failing path."""
-    from referencing.exceptions import Unresolvable
     try:
         err = jsonschema.exceptions.best_match(Draft202012Validator(schema, registry=_local_registry()).iter_errors(obj))
     except Unresolvable as e:

@@ -20,7 +20,24 @@ from typing import Any
 
 from jsonextract.config.core import DecodingConfig
 from jsonextract.data.prompt import PromptBuilder
-from jsonextract.data.schema import SchemaError, bounded, canonical_json, check_schema, unsupported_features, validation_error
+from jsonextract.data.schema import (
+    SchemaError,
+    bounded,
+    canonical_json,
+    check_schema,
+    unsupported_features,
+    validation_error,
+)
+from jsonextract.decoding.generated import DecodeStats
+from jsonextract.decoding.grammar import Drafter
+from jsonextract.decoding.grounding import confidence, drop_ungrounded, ground
+from jsonextract.decoding.kv_cache import PrefixCache
+from jsonextract.decoding.loop import greedy_generate
+from jsonextract.decoding.reference import reference_generate
+from jsonextract.decoding.scheduling import PassCost
+from jsonextract.lazy import lazy
+
+xgr = lazy("xgrammar")
 
 
 GRAMMAR_CACHE_BYTES = 256 << 20  # xgrammar's own compiled-grammar cache, bounded
@@ -69,7 +86,6 @@ class Extractor:
     _compiler: Any = None
 
     def __post_init__(self) -> None:
-        from jsonextract.decoding.generation import DecodeStats, Drafter, PassCost, PrefixCache
         # Bounded by entries here and by bytes inside xgrammar (its compiler cache is unlimited by default).
         self._compiled = functools.lru_cache(maxsize=self.grammar_cache_size)(self._compile)
         self._prefix = PrefixCache()
@@ -83,7 +99,6 @@ class Extractor:
 
     def compiler(self):
         if self._compiler is None:
-            import xgrammar as xgr
 
             vocab = self.model.config.vocab_size
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab,
@@ -143,8 +158,6 @@ class Extractor:
         return results  # type: ignore[return-value]
 
     def _generate(self, rows, max_new: int, policy: str) -> list[Result]:
-        from jsonextract.decoding.generation import greedy_generate, reference_generate
-
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         grammars = None
         if self.cfg.constrained:
@@ -175,11 +188,9 @@ class Extractor:
 
     def weights_changed(self) -> None:
         """Call after changing the model's weights in place: the cached prompt prefix was computed with the old."""
-        from jsonextract.decoding.generation import PrefixCache
         self._prefix = PrefixCache()
 
     def _confidence(self, res: Result, toks: list[int], logprobs: list[float], schema: dict | None) -> dict:
-        from jsonextract.decoding.grounding import confidence
         body = toks[:res.output_tokens]
         ends = [len(self.tokenizer.decode(body[:k + 1], skip_special_tokens=True)) for k in range(len(body))]
         return confidence(res.raw, res.output, schema, ends, logprobs)
@@ -207,7 +218,6 @@ class Extractor:
 
 def apply_grounding(res: Result, text: str, schema: dict | None, policy: str) -> None:
     """Add grounding to a valid result, and under drop_ungrounded remove the free-text values not in the text."""
-    from jsonextract.decoding.grounding import drop_ungrounded, ground
     if policy == "off":
         res.confidence = res.confidence_uncalibrated = None
         return

@@ -16,6 +16,8 @@ import math
 import unicodedata
 from typing import Any, Iterator, Literal
 
+from rapidfuzz import fuzz
+
 from jsonextract.data.schema import validation_error
 
 FUZZY_MIN_SCORE = 85.0  # rapidfuzz partial_ratio (0-100) a fuzzy match needs
@@ -119,7 +121,6 @@ def locate(value: str, text: str, norm: NormalizedText, anchor: int) -> dict | N
         start, end = min(spans, key=lambda s: abs(s[0] - anchor))
         return {"start": start, "end": end, "match": "normalized"}
     if len(needle) >= FUZZY_MIN_CHARS and norm.text:
-        from rapidfuzz import fuzz
         al = fuzz.partial_ratio_alignment(needle, norm.text, score_cutoff=FUZZY_MIN_SCORE)
         if al is not None and al.dest_end > al.dest_start:
             start, end = norm.span(al.dest_start, al.dest_end)

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 from jsonextract.config import core as C
-from jsonextract.data.records import read_jsonl
-from jsonextract.decoding.extractor import Extractor, extract_in_batches
-from jsonextract.models.loading import load_for_inference, resolve_device
 from jsonextract.data.prompt import PromptBuilder
+from jsonextract.data.records import read_jsonl
 from jsonextract.data.schema import load_schema
-from jsonextract.training.temperature import temperature_of
+from jsonextract.decoding.extractor import Extractor, extract_in_batches
+from jsonextract.models.inference import load_for_inference
+from jsonextract.models.loading import resolve_device
+from jsonextract.models.manifest import temperature_of
 
 
 def main(argv: list[str] | None = None) -> int:

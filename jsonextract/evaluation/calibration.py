@@ -11,8 +11,8 @@ import json
 import re
 from typing import Any, Iterable
 
-from jsonextract.evaluation.metrics import Counts
 from jsonextract.data.schema import flatten
+from jsonextract.evaluation.metrics import Counts
 
 BUCKETS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0)
 INDEX = re.compile(r"\[\d+\]")

@@ -5,11 +5,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jsonextract.data.schema import flatten
+from jsonextract.lazy import lazy
+
+matplotlib = lazy("matplotlib")
+plt = lazy("matplotlib.pyplot")
+
 
 def plot_history(history: list[dict], out_dir: Path) -> list[str]:
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     dev = [(h["step"], h["dev_loss"]) for h in history if "dev_loss" in h]
@@ -76,8 +80,6 @@ def _fields(m: dict) -> str:
 
 
 def _examples(pred_rows: list[dict], gold: dict[str, Any], texts: dict[str, str], k: int = 5) -> str:
-    from jsonextract.data.schema import flatten
-
     right, wrong = [], []
     for r in pred_rows:
         if r["id"] not in gold:
@@ -98,9 +100,7 @@ def _examples(pred_rows: list[dict], gold: dict[str, Any], texts: dict[str, str]
 
 def grounding_section(m: dict, out_dir: Path) -> list[str]:
     """Grounding share, precision of grounded vs ungrounded values, annotate vs drop_ungrounded, calibration."""
-    import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     def f(x):
         return "-" if x is None else f"{x:.3f}"

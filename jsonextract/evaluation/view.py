@@ -11,9 +11,9 @@ import html
 import json
 from pathlib import Path
 
+from jsonextract.data.io import read_results
 from jsonextract.data.records import read_jsonl
 from jsonextract.errors import UserError
-from jsonextract.data.io import read_results
 
 STYLE = """body{font:14px/1.5 system-ui,sans-serif;margin:20px;color:#1d2327}
 .rec{border:1px solid #dde1e6;border-radius:6px;padding:10px 14px;margin:10px 0;display:grid;

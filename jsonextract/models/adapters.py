@@ -8,18 +8,23 @@ path. Each adapter's manifest brings its own schema and prompt settings.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonextract.models.attention import set_inference_attention
 from jsonextract.config.core import ModelConfig, PromptConfig, build
 from jsonextract.data.io import filesystem
-from jsonextract.models.loading import MANIFEST, ModelLoadError, load_inference_base, load_tokenizer, read_manifest, to_inference_dtype
 from jsonextract.data.prompt import PromptBuilder
+from jsonextract.lazy import lazy
+from jsonextract.models.attention import set_inference_attention
+from jsonextract.models.inference import to_inference_dtype
+from jsonextract.models.loading import ModelLoadError, load_inference_base, load_tokenizer
+from jsonextract.models.manifest import MANIFEST, read_manifest, trained_base
+
+pafs = lazy("pyarrow.fs")
+peft = lazy("peft")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -40,8 +45,6 @@ class AdapterRegistry:
 
     def refresh(self) -> None:
         """List the registry again (adapters added since start become available)."""
-        import pyarrow.fs as pafs
-
         found: dict[str, str] = {}
         if self.root:
             fs, base = filesystem(self.root)
@@ -73,7 +76,6 @@ class AdapterRegistry:
             if "://" not in self.root or src == self.single:
                 self._local[name] = Path(src)
             else:
-                import pyarrow.fs as pafs
                 fs, _ = filesystem(self.root)
                 self._download_dir = self._download_dir or Path(tempfile.mkdtemp(prefix="adapters-"))
                 dest = self._download_dir / name
@@ -93,21 +95,13 @@ class Adapter:
     manifest: dict | None
 
 
-def base_of(manifest: dict, fallback: ModelConfig) -> ModelConfig:
-    """The base an adapter was trained over: the same model, quantised the same way (LoRA weights trained over an
-    NF4 base learned to compensate that base's quantisation error)."""
-    trained = manifest.get("config", {}).get("model", {})
-    return dataclasses.replace(fallback, name=manifest["base_model"],
-                               quantization=trained.get("quantization", fallback.quantization))
-
-
 class MultiAdapterModel:
     """The base once in memory; adapters attached by name, detached on request, one active at a time."""
 
     def __init__(self, model_cfg: ModelConfig, registry: AdapterRegistry, device: str = "cpu"):
         self.registry = registry
         names = registry.names()
-        self.base_cfg = base_of(registry.manifest(names[0]), model_cfg) if names else model_cfg
+        self.base_cfg = trained_base(registry.manifest(names[0]), model_cfg) if names else model_cfg
         for name in names[1:]:  # fail at start, naming the adapter, rather than on its first request
             self._check_base(name, registry.manifest(name))
         # Adapters attach unmerged over the cast base; PEFT keeps their own weights in fp32 (autocast_adapter_dtype).
@@ -117,7 +111,7 @@ class MultiAdapterModel:
         self.peft: Any = None
 
     def _check_base(self, name: str, manifest: dict) -> None:
-        want = base_of(manifest, self.base_cfg)
+        want = trained_base(manifest, self.base_cfg)
         if (want.name, want.quantization) != (self.base_cfg.name, self.base_cfg.quantization):
             # base names only, not their folders: the message may reach an HTTP client
             raise ModelLoadError(f"adapter {name!r} was trained over {Path(want.name).name} ({want.quantization}); "
@@ -137,8 +131,7 @@ class MultiAdapterModel:
         if name not in self.loaded():
             path = str(self.registry.path(name))
             if self.peft is None:
-                from peft import PeftModel
-                self.peft = PeftModel.from_pretrained(self.base, path, adapter_name=name)
+                self.peft = peft.PeftModel.from_pretrained(self.base, path, adapter_name=name)
             else:
                 self.peft.load_adapter(path, adapter_name=name)
             self.peft.eval()

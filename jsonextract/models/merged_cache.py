@@ -20,6 +20,10 @@ from importlib import metadata
 from pathlib import Path
 
 from jsonextract.config.core import ModelConfig
+from jsonextract.lazy import lazy
+from jsonextract.models.loading import load_base
+
+huggingface_hub = lazy("huggingface_hub")
 
 KEEP = 3  # entries kept per cache folder (most recently used); each is one full copy of the model's weights
 INFO = "jsonextract-merged.json"
@@ -41,8 +45,7 @@ def _base_dir(name: str) -> Path | None:
     if p.is_dir():
         return p
     try:
-        from huggingface_hub import try_to_load_from_cache
-        found = try_to_load_from_cache(name, "config.json")
+        found = huggingface_hub.try_to_load_from_cache(name, "config.json")
     except Exception:  # an id the hub library rejects: not cacheable, loading reports the real error
         return None
     return Path(found).parent if isinstance(found, str) else None
@@ -92,7 +95,6 @@ class MergedCache:
         """The cached merged model in eval mode, or None (no entry yet, or a damaged one: removed, to be rebuilt)."""
         if not (self.entry / INFO).is_file():
             return None
-        from jsonextract.models.loading import load_base
         try:  # the entry is a plain model folder: loaded as a base with nothing to quantise
             model = load_base(dataclasses.replace(self.cfg, name=str(self.entry), quantization="none"), device)
         except Exception as e:  # a damaged entry costs one rebuild, never the load

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import functools
 
+from jsonextract.lazy import lazy
+
+torch = lazy("torch")
+
 
 def _cast_input(dtype, module, args, kwargs):
     if args:
@@ -44,8 +48,6 @@ def lower_matmul_precision(model, dtype) -> int:
     output head stay as they are. Unmerged LoRA adapters attached later keep their own dtype (PEFT calls the
     wrapped linear layer, whose hooks stay with it). Returns the number of modules switched; a second call
     switches none."""
-    import torch
-
     outer = model.get_input_embeddings().weight.dtype  # the residual stream's
     decoder = model.get_decoder()
     done = 0
@@ -63,5 +65,4 @@ def lower_matmul_precision(model, dtype) -> int:
 
 def matmul_dtype(model):
     """The dtype of the decoder's first linear layer: what its matrix products run in."""
-    import torch
     return next(m.weight.dtype for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear))

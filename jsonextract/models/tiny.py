@@ -15,10 +15,15 @@ import time
 from pathlib import Path
 
 from jsonextract.config import core as C
-from jsonextract.data.records import read_jsonl
-from jsonextract.errors import UserError
 from jsonextract.data.prompt import PromptBuilder, load_dataset_schema
+from jsonextract.data.records import read_jsonl
 from jsonextract.data.schema import canonical_json
+from jsonextract.errors import UserError
+from jsonextract.lazy import lazy
+
+tokenizers = lazy("tokenizers")
+torch = lazy("torch")
+transformers = lazy("transformers")
 
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -34,28 +39,22 @@ CHAT_TEMPLATE = (
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>",
                                    pad_token="<|pad|>", padding_side="left")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
 
 def build_model(tokenizer, cfg: C.TinyModelConfig):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if len(tokenizer) > cfg.vocab_size:
         raise C.ConfigError(f"tokenizer has {len(tokenizer)} tokens > tiny.vocab_size {cfg.vocab_size}")
-    mcfg = LlamaConfig(
+    mcfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True,
@@ -63,7 +62,7 @@ def build_model(tokenizer, cfg: C.TinyModelConfig):
         pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
     )
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(mcfg)
+    return transformers.LlamaForCausalLM(mcfg)
 
 
 def build(data_dir: str | Path, out: str | Path, cfg: C.TinyModelConfig, prompt_cfg: C.PromptConfig | None = None,

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jsonextract.data.records import Example, read_jsonl
-from jsonextract.errors import UserError
-from jsonextract.data.prompt import PROMPT_VERSION, PromptBuilder
-from jsonextract.data.schema import canonical_json
 from jsonextract.config.train import TrainConfig
+from jsonextract.data.prompt import PROMPT_VERSION, PromptBuilder
+from jsonextract.data.records import Example, read_jsonl
+from jsonextract.data.schema import canonical_json
+from jsonextract.errors import UserError
+from jsonextract.lazy import lazy
+
+datasets = lazy("datasets")
 
 
 def schema_path(cfg: TrainConfig) -> Path:
@@ -87,7 +90,6 @@ def load_tokenized(path: str, prompt: PromptBuilder, tokenizer: Any, max_length:
         records, skipped = check_records(path, skip_bad, limit)
         examples, too_long = tokenize(records, prompt, tokenizer, max_length)
         return TokenizedFile(examples, skipped, too_long)
-    import datasets
 
     entry = Path(cache_dir) / cache_key(path, prompt, tokenizer, max_length, skip_bad, limit)
     if not (entry / "counts.json").is_file():

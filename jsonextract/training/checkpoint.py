@@ -10,10 +10,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from jsonextract.training.distributed import Worker
 from jsonextract.config.train import TrainConfig
+from jsonextract.lazy import lazy
+from jsonextract.training.distributed import Worker
+
+peft = lazy("peft")
+ray = lazy("ray", "ray.train")
+safetensors_torch = lazy("safetensors.torch")
 
 # Whole tensors of the trainable (LoRA) parameters only, gathered to rank 0 on the CPU.
 FULL_LORA_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
@@ -35,7 +46,6 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
 def lora_state(model) -> dict[str, torch.Tensor]:
     """Whole (unsharded) LoRA weights by their plain names, on rank 0 (empty elsewhere); a collective: every rank
     must call it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     names = {n for n, _ in trainable(model)}
     # ignore_frozen_params drops frozen parameters but not the 4-bit layers' quantisation-state entries
     return {k: v for k, v in get_model_state_dict(model, options=FULL_LORA_STATE).items() if k in names}
@@ -56,7 +66,6 @@ class CheckpointStore:
 
     def latest(self) -> Path | None:
         if self.worker.in_ray:
-            import ray.train
             ck = ray.train.get_checkpoint()
             if ck is None:
                 return None
@@ -66,7 +75,6 @@ class CheckpointStore:
 
     def report(self, metrics: dict, ckpt_dir: Path | None, step: int) -> None:
         if self.worker.in_ray:
-            import ray.train
             ck = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
             ray.train.report(metrics, checkpoint=ck)
         elif ckpt_dir is not None:
@@ -82,15 +90,12 @@ def save_checkpoint(model, optimizer, scheduler, state: TrainState, worker: Work
     """Write the LoRA weights (PEFT files), trainer state and history to a temporary folder on rank 0 and return it
     (None elsewhere); the caller adds tokenizer and manifest. Every rank must call it: gathering the sharded LoRA
     weights and optimizer state is a collective."""
-    from peft import get_peft_model_state_dict
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     weights = lora_state(model)
     optim_state = get_optimizer_state_dict(model, optimizer, options=FULL_LORA_STATE)
     if not worker.main:
         return None
     out = Path(tempfile.mkdtemp(prefix=f"ckpt-{state.step}-"))
-    model.save_pretrained(str(out), state_dict=get_peft_model_state_dict(model, state_dict=weights))
+    model.save_pretrained(str(out), state_dict=peft.get_peft_model_state_dict(model, state_dict=weights))
     torch.save({"step": state.step, "optimizer": optim_state, "scheduler": scheduler.state_dict()},
                out / TRAINER_STATE)
     (out / HISTORY).write_text(json.dumps(state.history))
@@ -99,11 +104,8 @@ def save_checkpoint(model, optimizer, scheduler, state: TrainState, worker: Work
 
 def restore_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState) -> None:
     """Every rank reads the same checkpoint; torch's state-dict helpers shard the weights and optimizer state."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
     saved_state = torch.load(path / TRAINER_STATE, weights_only=False)
-    saved = load_file(str(path / "adapter_model.safetensors"))
+    saved = safetensors_torch.load_file(str(path / "adapter_model.safetensors"))
     # The PEFT file leaves out the adapter name: `...q_proj.lora_A.weight` is `...q_proj.lora_A.default.weight`.
     weights = {k.replace(".weight", ".default.weight") if ".lora_" in k else k: v for k, v in saved.items()}
     missing = sorted({n for n, _ in trainable(model)} - set(weights))

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from jsonextract.config.train import EvalConfig, TrainConfig
+from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.records import Example, pad_batch, spread
-from jsonextract.decoding.extractor import extract_in_batches
-from jsonextract.training.distributed import Worker, all_reduce_sum
-from jsonextract.training.loss import answer_loss
+from jsonextract.decoding.extractor import Extractor, extract_in_batches
 from jsonextract.evaluation.metrics import score_results
 from jsonextract.models.loading import attach_lora, load_base
-from jsonextract.data.prompt import PromptBuilder
-from jsonextract.config.train import EvalConfig, TrainConfig
+from jsonextract.training.distributed import Worker, all_reduce_sum
+from jsonextract.training.loss import answer_loss
 
 
 def dev_examples(dev: list[Example], cfg: EvalConfig) -> list[Example]:
@@ -54,7 +54,6 @@ class DevDecoder:
         self.batch_size = cfg.decoding.batch_size
         self.model = None
         if worker.main and self.records:
-            from jsonextract.decoding.extractor import Extractor
             self.model = attach_lora(load_base(cfg.model, str(worker.device)), cfg.lora)
             self.extractor = Extractor(self.model, tokenizer, prompt, cfg.decoding,
                                        max_prompt_tokens=cfg.model.max_length - cfg.decoding.max_new_tokens)

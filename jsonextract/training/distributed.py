@@ -7,9 +7,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from jsonextract.models.loading import torch_dtype
 from jsonextract.config.train import TrainConfig
+from jsonextract.lazy import lazy
+from jsonextract.models.loading import torch_dtype
+
+ray = lazy('ray', 'ray.train', 'ray.train.torch')
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,11 @@ class Worker:
 
 def setup_distributed(cfg: TrainConfig) -> Worker:
     try:
-        import ray.train
         ctx = ray.train.get_context()
         in_ray = ctx.get_world_size() >= 1 and dist.is_initialized()
     except Exception:
         in_ray = False
     if in_ray:
-        import ray.train.torch
         return Worker(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), ray.train.torch.get_device(),
                       True)
     if not dist.is_initialized():  # one process, world size 1: FSDP2 still needs a process group
@@ -65,8 +67,6 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 def shard_fsdp2(model, cfg: TrainConfig, worker: Worker) -> None:
     """fully_shard each decoder layer, then the root: one all-gather per layer in forward and backward."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     kwargs: dict[str, Any] = {}
     if worker.device.type == "cuda" and cfg.parallel.mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)

@@ -17,6 +17,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from jsonextract.decoding.vocab_head import derived
+
 
 def answer_loss(model, batch: dict, fused: bool = True) -> torch.Tensor:
     """Mean loss on the answer tokens of `batch` (input_ids, attention_mask, labels; right padded).
@@ -65,9 +67,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype`, kept on the weight while it is unchanged (generation.derived): casting SmolLM2's
+    """`weight` in `dtype`, kept on the weight while it is unchanged (vocab_head.derived): casting SmolLM2's
     49,152 x 576 tied embedding every micro-batch took longer than its product."""
-    from jsonextract.decoding.generation import derived
     return weight if weight.dtype == dtype else derived(weight, ("answer_loss", dtype), lambda w: w.detach().to(dtype))
 
 

@@ -18,21 +18,28 @@ matter are whole values written with confidence.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jsonextract.data.prompt import PromptBuilder
+from jsonextract.data.records import Example, pad_batch, read_jsonl, spread
+from jsonextract.data.schema import flatten
+from jsonextract.decoding.extractor import Extractor, extract_in_batches
+from jsonextract.decoding.grounding import confidence
+from jsonextract.evaluation.calibration import _leaf_values, _pair, calibration_table
+from jsonextract.lazy import lazy
+from jsonextract.models.inference import load_for_inference
+from jsonextract.models.manifest import MANIFEST
+
+torch = lazy("torch")
+xgr = lazy("xgrammar")
+
 # 1/T from 0.1 to 2.0: T from 0.5 to 10, at most 5% apart near T = 1.
 INVERSE_GRID = tuple(round(0.1 + 0.025 * i, 4) for i in range(77))
-
-
-def temperature_of(manifest: dict | None) -> float:
-    """The adapter's calibration temperature (1 where it has none)."""
-    cal = (manifest or {}).get("calibration") or {}
-    t = cal.get("temperature", 1.0) if isinstance(cal, dict) else 1.0
-    return float(t) if isinstance(t, (int, float)) and math.isfinite(t) and t > 0 else 1.0
 
 
 @dataclass
@@ -48,14 +55,6 @@ class Sample:
 
 def value_samples(extractor, records: list, batch_size: int = 16) -> list[Sample]:
     """Decode `records` with `extractor` (at temperature 1) and collect a Sample per valid output with values."""
-    import torch
-    import xgrammar as xgr
-
-    from jsonextract.evaluation.calibration import _leaf_values, _pair
-    from jsonextract.data.records import Example, pad_batch
-    from jsonextract.decoding.extractor import extract_in_batches
-    from jsonextract.data.schema import flatten
-
     extractor.temperature = 1.0
     results = extract_in_batches(extractor, [r.text for r in records], batch_size,
                                  contexts=[r.context for r in records])
@@ -94,9 +93,6 @@ def value_samples(extractor, records: list, batch_size: int = 16) -> list[Sample
 
 def confidences(sample: Sample, beta: float) -> dict[str, float]:
     """Per value path: its confidence with the logits multiplied by `beta` (= 1/T)."""
-    import torch
-
-    from jsonextract.decoding.grounding import confidence
     lps = [0.0] * len(sample.ends)  # forced tokens: probability 1 at any temperature
     if sample.choices:
         z = torch.stack([c[1] for c in sample.choices]) * beta
@@ -108,7 +104,6 @@ def confidences(sample: Sample, beta: float) -> dict[str, float]:
 
 def value_nll(samples: list[Sample], beta: float) -> tuple[float, float, int]:
     """(mean negative log-likelihood of the values' rightness, expected calibration error, values) at 1/T = beta."""
-    from jsonextract.evaluation.calibration import calibration_table
     total, scored = 0.0, []
     for s in samples:
         for path, c in confidences(s, beta).items():
@@ -135,13 +130,6 @@ def calibrate_adapter(adapter_dir: str, model_cfg, decoding_cfg, dev_file: str, 
                       max_length: int) -> dict:
     """Fit the temperature of the adapter in `adapter_dir` on `dev_file` (n_records spread over it; 0 = all), with
     the model as inference loads it, and write it into the adapter's manifest. Returns the calibration entry."""
-    import dataclasses
-
-    from jsonextract.data.records import read_jsonl, spread
-    from jsonextract.decoding.extractor import Extractor
-    from jsonextract.models.loading import MANIFEST, load_for_inference
-    from jsonextract.data.prompt import PromptBuilder
-
     # SDPA attention: the teacher-forced passes are whole sequences without a cache, which it computes as is.
     lm = load_for_inference(dataclasses.replace(model_cfg, inference_attention="sdpa"), adapter_dir)
     extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, lm.schema), decoding_cfg,
