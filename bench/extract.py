@@ -10,7 +10,7 @@ run, on each data set given (SNIPS and Restaurant-8k test by default, with the m
   without length groups, with the model's own full vocabulary projection instead of the loop's
   (`vocab_head.VocabHead`: allowed tokens only), with transformers' own sdpa attention, and where the defaults run
   attention's products in bf16 (`attention.HALF`), with the packed attention in fp32;
-- the Ray Data job (rayjobs/extract.py, configs/extract/cpu.yaml, 2 actors) on the previous path (as the job was
+- the Ray Data job (`jsonextract extract`, configs/extract/cpu.yaml, 2 actors) on the previous path (as the job was
   configured before: generate(), NF4, transformers' sdpa, batch 32) against the defaults (the config's), first on an empty
   merged-weights cache (the replicas build the adapter's merged weights and write them), then again (the
   replicas read them: what every later job of that adapter does); where the defaults run in bf16, also the job with
@@ -109,7 +109,7 @@ def run_variant(ex, texts, targets, **decoding) -> dict:
 
 def ray_job(model: str, adapter: str | None, schema_file: Path, inp: Path, out: Path, max_new: int,
             overrides: list[str]) -> dict:
-    cmd = [sys.executable, str(ROOT / "rayjobs" / "extract.py"), "--config", str(ROOT / "configs/extract/cpu.yaml"),
+    cmd = [str(Path(sys.executable).with_name("jsonextract")), "extract", "--config", str(ROOT / "configs/extract/cpu.yaml"),
            f"input={inp}", f"output={out}", f"adapter={adapter or ''}", f"model.name={model}",
            f"schema={'' if adapter else schema_file}", f"decoding.max_new_tokens={max_new}",
            'decoding.grounding="off"', *overrides]

@@ -5,7 +5,7 @@ run on the same base, data, batch and steps, plus where one training step's time
   torch.profiler; each operator's own time is put in one part (4-bit dequantisation, LoRA branches, attention,
   the base's projections, the vocabulary head and loss, dtype casts, optimizer, collectives, the rest), with the
   forward / backward / optimizer split timed by the clock, and the padding share of the positions computed.
-- The jobs (rayjobs/train.py, Ray Train, FSDP2 over the NF4 base): the previous job (`PREVIOUS`: plain shuffle,
+- The jobs (`jsonextract train`, Ray Train, FSDP2 over the NF4 base): the previous job (`PREVIOUS`: plain shuffle,
   SDPA attention, the model's own logits), the defaults with 2 workers of 1 CPU, and the defaults with 1 worker
   of 2 CPUs (unsharded).
 
@@ -159,7 +159,7 @@ def job(overrides: list[str], workers: int, batch: int, tmp: Path, tag: str) -> 
     out = tmp / f"adapter-{tag}"
     # Ray sets OMP_NUM_THREADS to a worker's CPU reservation: the workers get all cores between them.
     cpus = max((os.cpu_count() or 2) // workers, 1)
-    cmd = [sys.executable, str(ROOT / "rayjobs" / "train.py"), *overrides, f"run.num_workers={workers}",
+    cmd = [str(Path(sys.executable).with_name("jsonextract")), "train", *overrides, f"run.num_workers={workers}",
            f"run.cpus_per_worker={cpus}", f"optim.batch_size={batch // workers}",
            f"run.name=bench-{tag}", f"run.storage_path={tmp / 'runs'}", f"run.output_dir={out}"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")

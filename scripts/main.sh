@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 if [ $# -eq 0 ]; then set -- --config configs/pipeline/snips.yaml; fi
-exec .venv/bin/python rayjobs/pipeline.py "$@"
+exec .venv/bin/jsonextract run "$@"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 SNIPS = DATA / "snips"
 R8K = DATA / "restaurant8k"
+JSONEXTRACT = str(Path(sys.executable).with_name("jsonextract"))  # the installed command
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -26,11 +28,13 @@ def has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if has_gpu():
-        return
+    """tests/unit (no Ray: `bash scripts/test.sh -m unit`, under two minutes) and tests/integration (real Ray
+    jobs, Serve, a browser) by folder; GPU tests skip without a GPU."""
+    gpu = has_gpu()
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
     for item in items:
-        if "gpu" in item.keywords:
+        item.add_marker("unit" if "unit" in item.path.parent.name else "integration")
+        if "gpu" in item.keywords and not gpu:
             item.add_marker(skip)
 
 
@@ -60,6 +64,6 @@ def ray_session(request):
 
     if not ray.is_initialized():
         ray.init(num_cpus=getattr(request.module, "RAY_CPUS", 2), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

@@ -201,11 +201,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -227,7 +227,7 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: top level must be a mapping of keys, got {type(data).__name__}")
     if overrides:
-        data = _merge(data, parse_overrides(overrides))
+        data = merge(data, parse_overrides(overrides))
         source = "command line" if path is None else f"{source} + command-line overrides"
     return build(cls, data, source=source)
 
@@ -301,5 +301,12 @@ def split_cli(argv: list[str], cls: type | None = None, usage: str = "") -> tupl
     return path, rest
 
 
+def parse_args(cls: type[T], argv: list[str], usage: str) -> T:
+    """A job's config from its command line, `[--config FILE] [key=value ...]`; `--help` prints `usage` and every
+    setting of `cls`, and exits."""
+    path, overrides = split_cli(argv, cls, usage.strip())
+    return load(cls, path, overrides)
+
+
 __all__ = ["ConfigError", "ModelConfig", "LoraSettings", "PromptConfig", "DecodingConfig", "TinyModelConfig",
-           "build", "load", "parse_overrides", "to_dict", "split_cli"]
+           "build", "load", "parse_overrides", "to_dict", "split_cli", "parse_args"]

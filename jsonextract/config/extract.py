@@ -1,4 +1,4 @@
-"""Configuration of the batch extraction job (rayjobs/extract.py)."""
+"""Configuration of the batch extraction job (`jsonextract extract`, rayjobs/extract.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

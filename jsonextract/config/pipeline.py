@@ -1,4 +1,4 @@
-"""Configuration of the end-to-end pipeline (rayjobs/pipeline.py): which data, which job configs, where to write."""
+"""Configuration of the end-to-end pipeline (`jsonextract run`): which data, which job configs, where to write."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Configuration of the training job (rayjobs/train.py). Each setting declared once, with default and comment."""
+"""Configuration of the training job (`jsonextract train`, rayjobs/train.py). Each setting declared once, with default and comment."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,8 +1,8 @@
 """Single-process extraction, no Ray: read JSONL, extract, write JSONL rows like the batch job's.
 
-    python -m jsonextract.decoding.predict --model DIR [--adapter DIR] --data FILE.jsonl --out preds.jsonl [--limit N]
+    jsonextract predict --model DIR [--adapter DIR] --data FILE.jsonl --out preds.jsonl [--limit N]
 
-For debugging on one machine and as the benchmarks' baseline. The batch job (rayjobs/extract.py) is the one to
+For debugging on one machine and as the benchmarks' baseline. The batch job (`jsonextract extract`) is the one to
 run over corpora.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from jsonextract.models.manifest import temperature_of
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="jsonextract predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=C.ModelConfig().name, help="base model id or path (ignored with --adapter)")
     ap.add_argument("--adapter", help="adapter directory written by the training job")
     ap.add_argument("--data", required=True, help="input JSONL of {id, text, context?}")
@@ -54,7 +54,3 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(good) / (time.time() - t0):.1f} records/s")
     return 0
 
-
-if __name__ == "__main__":
-    from jsonextract.cli import run_main
-    run_main(lambda: main())

@@ -1,4 +1,4 @@
-"""Extraction metrics shared by training-time evaluation, rayjobs/evaluate.py, the batch job and the benchmarks.
+"""Extraction metrics shared by training-time evaluation, the evaluate job, the batch job and the benchmarks.
 
 Field level: each object is flattened to (path, normalised value) pairs (schema.flatten); micro precision /
 recall / F1 count pairs over all records. An invalid or missing prediction scores as an empty object (every gold

@@ -2,7 +2,7 @@
 highlighted where it was found (hover: field, match kind, confidence), values not found in the text flagged,
 and the JSON beside it. No server, no external assets.
 
-    python -m jsonextract.evaluation.view <output folder> --input <input JSONL> --out review.html [--limit 200]
+    jsonextract view <output folder> --input <input JSONL> --out review.html [--limit 200]
 """
 from __future__ import annotations
 
@@ -61,27 +61,19 @@ def render(rows: list[dict], texts: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jsonextract.evaluation.view", description=__doc__,
+    ap = argparse.ArgumentParser(prog="jsonextract view", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output", help="the batch job's output folder (or a result file)")
     ap.add_argument("--input", required=True, help="the JSONL the job read (the texts: output rows carry ids only)")
     ap.add_argument("--out", default="review.html", help="HTML file to write")
     ap.add_argument("--limit", type=int, default=200, help="records on the page (0 = all)")
     args = ap.parse_args(argv)
-    try:
-        rows = sorted(read_results(args.output), key=lambda r: str(r["id"]))
-        texts = {r.id: r.text for r in read_jsonl(args.input) if r.text is not None}
-    except UserError as e:
-        print(f"error: {e}")
-        return 2
+    rows = sorted(read_results(args.output), key=lambda r: str(r["id"]))
+    texts = {r.id: r.text for r in read_jsonl(args.input) if r.text is not None}
     if not rows:
-        print(f"error: no result rows in {args.output}")
-        return 2
+        raise UserError(f"no result rows in {args.output}")
     rows = rows[:args.limit] if args.limit else rows
     Path(args.out).write_text(render(rows, texts), encoding="utf-8")
     print(f"wrote {args.out}: {len(rows)} records")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,8 +4,8 @@ Llama-architecture chat model (30 layers, hidden 576, 9 heads / 3 KV heads, voca
 Q4_1 GGUF file. This module turns that file into an ordinary Hugging Face model folder once, so every job loads
 it exactly as it would load `meta-llama/Llama-2-7b-hf` from the hub.
 
-    python -m jsonextract.models.base                      # -> artifacts/base/smollm2-135m-instruct (reused when present)
-    python -m jsonextract.models.base --out DIR --force
+    jsonextract prepare-base                      # -> artifacts/base/smollm2-135m-instruct (reused when present)
+    jsonextract prepare-base --out DIR --force
 
 Jobs whose `model.name` is the default folder build it on first use; any other `model.name` (a hub id or a
 local folder) is loaded as it is.
@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -106,17 +105,10 @@ def ensure_base(out: str | Path = DEFAULT_DIR, force: bool = False, log=print) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="jsonextract prepare-base", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_DIR, help=f"output folder (default: {DEFAULT_DIR})")
     ap.add_argument("--force", action="store_true", help="convert again even if an up-to-date copy exists")
     args = ap.parse_args(argv)
-    try:
-        print(ensure_base(args.out, args.force))
-    except BaseModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(ensure_base(args.out, args.force))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,7 +39,7 @@ def check_model_name(name: str) -> None:
     # Hub ids are `org/name`; anything else that is not on disk is a missing local path.
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise ModelLoadError(f"model path not found: {name} (the embedded default is {base.DEFAULT_DIR}: "
-                             f"`python -m jsonextract.models.base`; the tiny test model: `python -m jsonextract.models.tiny`)")
+                             f"`jsonextract prepare-base`; the tiny test model: `jsonextract prepare-tiny`)")
 
 
 def load_tokenizer(name: str):

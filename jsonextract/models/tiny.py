@@ -1,7 +1,7 @@
 """Build the embedded default model offline: a byte-level BPE tokenizer trained on a data set's texts and targets,
 plus a Llama-architecture model with random weights, both saved in Hugging Face format.
 
-    python -m jsonextract.models.tiny --data data/snips --out artifacts/tiny-snips/model [--config configs/tiny/snips.yaml]
+    jsonextract prepare-tiny --data data/snips --out artifacts/tiny-snips/model [--config configs/tiny/snips.yaml]
 
 `AutoTokenizer` / `AutoModelForCausalLM` load the result from the directory, so every job loads it exactly as it
 would load `meta-llama/Llama-2-7b-hf`. Deterministic for a given seed and data.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from jsonextract.config import core as C
 from jsonextract.data.prompt import PromptBuilder, load_dataset_schema
 from jsonextract.data.records import read_jsonl
 from jsonextract.data.schema import canonical_json
-from jsonextract.errors import UserError
 from jsonextract.lazy import lazy
 
 tokenizers = lazy("tokenizers")
@@ -85,23 +83,16 @@ def build(data_dir: str | Path, out: str | Path, cfg: C.TinyModelConfig, prompt_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="jsonextract prepare-tiny", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="data set folder with train.jsonl and schema.json")
     ap.add_argument("--out", required=True, help="output folder (Hugging Face format)")
     ap.add_argument("--config", help="YAML with TinyModelConfig keys")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. hidden_size=384")
     args = ap.parse_args(argv)
-    try:
-        cfg = C.load(C.TinyModelConfig, args.config, args.overrides)
-        t0 = time.time()
-        out = build(args.data, args.out, cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = C.load(C.TinyModelConfig, args.config, args.overrides)
+    t0 = time.time()
+    out = build(args.data, args.out, cfg)
     n = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(out).parameters())
     print(f"tiny model: {n / 1e6:.2f}M parameters, saved to {out} in {time.time() - t0:.1f}s")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

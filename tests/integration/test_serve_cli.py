@@ -1,4 +1,4 @@
-"""`serve run configs/serve/<name>.yaml` from the command line comes up, answers over HTTP, and is stopped.
+"""`jsonextract serve configs/serve/<name>.yaml` (Ray's `serve run` on it) from the command line comes up, answers over HTTP, and is stopped.
 (Its own module: `serve run` starts its own Ray, so no in-process Ray may be running.)"""
 import os
 import signal
@@ -10,7 +10,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from conftest import ROOT, SNIPS
+from conftest import JSONEXTRACT, ROOT, SNIPS
 
 PORT = 8013
 
@@ -24,7 +24,7 @@ def test_serve_run_config_file(tiny_model, tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(path)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([JSONEXTRACT, "serve", str(path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240

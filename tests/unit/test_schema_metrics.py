@@ -1,13 +1,12 @@
 import json
 import subprocess
-import sys
 
 import pytest
 
 from jsonextract.evaluation.metrics import score_results
 from jsonextract.data.schema import (SchemaError, bounded, check_schema, flatten, load_schema, order_like_schema,
                                 validation_error)
-from conftest import ROOT, SNIPS
+from conftest import JSONEXTRACT, SNIPS
 
 
 def test_invalid_schema_is_a_clear_error(tmp_path):
@@ -63,7 +62,7 @@ def test_null_on_both_sides_is_not_a_hit():
 
 
 def _evaluate(pred, gold, out):
-    return subprocess.run([sys.executable, str(ROOT / "rayjobs" / "evaluate.py"), f"predictions={pred}",
+    return subprocess.run([JSONEXTRACT, "evaluate", f"predictions={pred}",
                            f"gold={gold}", f"out={out}"], capture_output=True, text=True, timeout=120)
 
 

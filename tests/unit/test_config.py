@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from jsonextract.config import core as C
-from conftest import ROOT
+from conftest import JSONEXTRACT, ROOT
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
@@ -97,14 +97,31 @@ def test_every_shipped_config_loads(path):
         C.load(cls, path)
 
 
-@pytest.mark.parametrize("job,key", [("train.py", "optim.lr (float"), ("extract.py", "pool.num_actors (int"),
-                                     ("evaluate.py", "predictions (str"), ("pipeline.py", "baseline_limit (int")])
-def test_every_job_answers_help_with_its_settings(job, key):
+@pytest.mark.parametrize("command,key", [("train", "optim.lr (float"), ("extract", "pool.num_actors (int"),
+                                         ("evaluate", "predictions (str"), ("run", "baseline_limit (int"),
+                                         ("serve", "max_batch_size (int"), ("predict", "--adapter"),
+                                         ("view", "--input"), ("prepare-base", "--out"), ("prepare-tiny", "--data")])
+def test_every_command_answers_help_with_its_settings(command, key):
+    import subprocess
+    r = subprocess.run([JSONEXTRACT, command, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and key in r.stdout, r.stdout + r.stderr
+
+
+def test_command_list_and_ray_launch_files():
+    """`jsonextract --help` lists every command; the launch files for `ray job submit` are the same commands."""
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / job), "--help"], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0 and key in r.stdout and "default" in r.stdout
+
+    from jsonextract.cli import COMMANDS
+    r = subprocess.run([JSONEXTRACT, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and all(f"  {name} " in r.stdout for name in COMMANDS)
+    bad = subprocess.run([JSONEXTRACT, "fit"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown command 'fit'" in bad.stderr
+    for job, key in (("train.py", "optim.lr (float"), ("extract.py", "pool.num_actors (int"),
+                     ("evaluate.py", "predictions (str"), ("pipeline.py", "baseline_limit (int")):
+        r = subprocess.run([sys.executable, str(ROOT / "rayjobs" / job), "--help"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and key in r.stdout, job
 
 
 def test_every_setting_has_a_one_line_comment():

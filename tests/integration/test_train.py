@@ -10,10 +10,8 @@ import torch
 
 from jsonextract.config import core as C
 from jsonextract.config.train import TrainConfig
-from conftest import ROOT, SNIPS
-
-sys.path.insert(0, str(ROOT / "rayjobs"))
-import train as train_job  # noqa: E402
+from jsonextract.training import job as train_job
+from conftest import JSONEXTRACT, SNIPS
 
 
 def tiny_cfg(tiny_model: Path, tmp: Path, name: str, **over) -> TrainConfig:
@@ -99,7 +97,7 @@ def test_single_process_without_ray(tiny_model, tmp_path):
 
 
 def _train_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "rayjobs" / "train.py"), *args], capture_output=True,
+    return subprocess.run([JSONEXTRACT, "train", *args], capture_output=True,
                           text=True, timeout=120, env=env)
 
 
@@ -121,7 +119,6 @@ def test_malformed_training_file_names_file_and_line(tiny_model, tmp_path):
     r = _train_cli(f"model.name={tiny_model}", f"data.train_file={bad}", f"data.schema_file={SNIPS / 'schema.json'}")
     assert r.returncode == 2 and f"{bad}:3" in r.stderr and "skip_bad_records" in r.stderr
     ok = subprocess.run([sys.executable, "-c", f"""
-import sys; sys.path.insert(0, {str(ROOT / 'rayjobs')!r})
 from jsonextract.training.batches import check_records
 good, skipped = check_records({str(bad)!r}, True)
 print(len(good), skipped)"""], capture_output=True, text=True, timeout=60)

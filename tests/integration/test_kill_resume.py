@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import ROOT, SNIPS
+from conftest import JSONEXTRACT, ROOT, SNIPS
 
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
 
@@ -46,7 +46,7 @@ def test_batch_driver_killed_half_way_then_rerun_outputs_every_row_once(tiny_mod
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    cmd = [sys.executable, "rayjobs/extract.py", "--config", "configs/extract/cpu.yaml", "adapter=",
+    cmd = [JSONEXTRACT, "extract", "--config", "configs/extract/cpu.yaml", "adapter=",
            f"model.name={tiny_model}", f"schema={SNIPS / 'schema.json'}", f"input={inp}", f"output={out}",
            "decoding.max_new_tokens=8", "pool.batch_rows=50", "output_format=jsonl"]
     log = tmp_path / "first.log"
@@ -65,7 +65,7 @@ def test_batch_driver_killed_half_way_then_rerun_outputs_every_row_once(tiny_mod
 
 def test_training_driver_killed_after_a_checkpoint_then_rerun_resumes(tiny_model, tmp_path):
     storage = tmp_path / "runs"
-    cmd = [sys.executable, "rayjobs/train.py", "--config", "configs/train/tiny_cpu.yaml", f"model.name={tiny_model}",
+    cmd = [JSONEXTRACT, "train", "--config", "configs/train/tiny_cpu.yaml", f"model.name={tiny_model}",
            "optim.max_steps=12", "run.checkpoint_every_steps=2", "eval.every_steps=0", "eval.decode_samples=0",
            "run.name=killed", f"run.storage_path={storage}", f"run.output_dir={tmp_path / 'adapter'}",
            f"data.cache_dir={tmp_path / 'cache'}", "data.max_train_records=400"]

@@ -19,12 +19,10 @@ KEY = "test-key-0123456789"
 
 def train_adapter(base, out, data, name, tmp):
     """A few steps of the real training job (one process, no Ray) on a data set: the adapter and its manifest
-    (schema, prompt) are what `rayjobs/train.py` writes."""
-    import sys
+    (schema, prompt) are what `jsonextract train` writes."""
     from jsonextract.config import core as C
     from jsonextract.config.train import TrainConfig
-    sys.path.insert(0, str(ROOT / "rayjobs"))
-    import train as train_job
+    from jsonextract.training import job as train_job
 
     over = [f"model.name={base}", "model.max_length=256", f"data.train_file={data / 'train.jsonl'}",
             "data.dev_file=", "data.max_train_records=64", "optim.batch_size=8", "optim.max_steps=3",

@@ -124,7 +124,7 @@ def test_lora_only_adapters_trainable(tiny_model, quantization):
 
 
 def test_missing_model_path_is_clear():
-    with pytest.raises(ModelLoadError, match="not found.*jsonextract.models.tiny"):
+    with pytest.raises(ModelLoadError, match="not found.*jsonextract prepare-tiny"):
         load_base(C.ModelConfig(name="artifacts/does-not-exist/model"))
 
 

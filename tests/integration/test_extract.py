@@ -1,7 +1,6 @@
 """The batch job for real: Ray Data read -> actor pool map_batches -> write, on the tiny model."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,10 +10,8 @@ import pytest
 from jsonextract.config import core as C
 from jsonextract.config.extract import ExtractConfig
 from jsonextract.data.schema import load_schema, validation_error
-from conftest import R8K, ROOT, SNIPS
-
-sys.path.insert(0, str(ROOT / "rayjobs"))
-import extract as extract_job  # noqa: E402
+from jsonextract.batch import job as extract_job
+from conftest import JSONEXTRACT, R8K, ROOT, SNIPS
 
 MALFORMED = [
     b"{not json at all",
@@ -34,19 +31,14 @@ PLAIN_13 = b'{"id": "plain-13", "text": "13"}'  # restaurant8k-test-00000 is "13
 
 def run(cfg_overrides: list[str]) -> list[dict]:
     cfg = C.load(ExtractConfig, None, cfg_overrides)
-    old = sys.argv
-    sys.argv = ["extract.py", *cfg_overrides]
-    try:
-        assert extract_job.main() == 0
-    finally:
-        sys.argv = old
+    assert extract_job.main(cfg_overrides) == 0
     return read_all(cfg.output)
 
 
 def run_cli(args: list[str], timeout: int = 120):
-    """rayjobs/extract.py as a user runs it, in its own process (its own Ray when it gets that far)."""
+    """`jsonextract extract` as a user runs it, in its own process (its own Ray when it gets that far)."""
     import subprocess
-    return subprocess.run([sys.executable, str(ROOT / "rayjobs" / "extract.py"), *map(str, args)], capture_output=True,
+    return subprocess.run([JSONEXTRACT, "extract", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 

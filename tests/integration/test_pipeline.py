@@ -4,14 +4,13 @@ clearly beat the zero-shot base on the same records."""
 import json
 import os
 import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import JSONEXTRACT, ROOT
 
 
 def test_quick_pipeline_learns_and_reports(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    r = subprocess.run([sys.executable, "rayjobs/pipeline.py", "--config", "configs/pipeline/quick.yaml",
+    r = subprocess.run([JSONEXTRACT, "run", "--config", "configs/pipeline/quick.yaml",
                         f"out={tmp_path}", f"adapter_dir={tmp_path / 'adapter'}",
                         f"runs_dir={tmp_path / 'runs'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=1500)

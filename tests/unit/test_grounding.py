@@ -117,6 +117,7 @@ def test_grounding_metrics_from_result_rows():
 
 def test_static_review_page_of_a_batch_output(tmp_path):
     import json
+    from jsonextract.errors import UserError
     from jsonextract.evaluation.view import main
 
     out = tmp_path / "out"
@@ -135,4 +136,5 @@ def test_static_review_page_of_a_batch_output(tmp_path):
     assert '<mark class="normalized" data-path="slots.artist" title="slots.artist (normalized) · confidence 0.80">Miles Davis</mark>' in html
     assert "&lt;b&gt;jazz&lt;/b&gt;" in html and "<b>jazz" not in html  # the text is escaped
     assert "not in the text: slots.album" in html and "truncated" in html
-    assert main([str(tmp_path / "nope"), "--input", str(inp)]) == 2
+    with pytest.raises(UserError):  # the command prints it as one line, exit 2
+        main([str(tmp_path / "nope"), "--input", str(inp)])
