@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "snips"
 MAIN_CONFIG = ROOT / "configs" / "train" / "snips_cpu.yaml"
 PEAK_LR = {"qlora": 2e-3, "lora": 2e-3, "full": 1e-3}
@@ -86,6 +87,12 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
 
 
 def main() -> int:
+    # the run's output also goes to bench/results/<cpu>-adapt.md and docs/benchmarks.md (not in --quick)
+    with results.recorded("adapt", enabled="--quick" not in sys.argv):
+        return run()
+
+
+def run() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5 steps, 16 dev records (used by the tests)")
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps of 32 sequences per mode")

@@ -16,12 +16,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "snips"
 
 
 def main() -> int:
+    # the run's output also goes to bench/results/<cpu>-grounding.md and docs/benchmarks.md (not in --quick)
+    with results.recorded("grounding", enabled="--quick" not in sys.argv):
+        return run()
+
+
+def run() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, 32 records, 2 reps (the tests)")
     ap.add_argument("--adapter", help="adapter dir (default: the untrained tiny model)")

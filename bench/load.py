@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "snips"
 PORT = 8015
 REQUEST_TIMEOUT_S = 30.0
@@ -121,6 +122,12 @@ def kill_model_replica() -> None:
 
 
 def main() -> int:
+    # the run's output also goes to bench/results/<cpu>-load.md and docs/benchmarks.md (not in --quick)
+    with results.recorded("load", enabled="--quick" not in sys.argv):
+        return run()
+
+
+def run() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="160 requests per phase at concurrency 32 (the tests)")
     ap.add_argument("--requests", type=int, default=1000, help="requests per phase")

@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "snips"
 PORT = 8012
 
@@ -56,6 +57,12 @@ def modes(threads: int) -> list:
 
 
 def main() -> int:
+    # the run's output also goes to bench/results/<cpu>-serve.md and docs/benchmarks.md (not in --quick)
+    with results.recorded("serve", enabled="--quick" not in sys.argv):
+        return run()
+
+
+def run() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few requests per level (used by the tests)")
     ap.add_argument("--requests", type=int, default=96, help="requests per concurrency level")

@@ -29,8 +29,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import results
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "snips"
 BASE = "artifacts/base/smollm2-135m-instruct"
 
@@ -175,22 +176,12 @@ def job(overrides: list[str], workers: int, batch: int, tmp: Path, tag: str) -> 
             "loss": hist[-1]["loss"]}
 
 
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random model, a few steps per variant (the tests)")
     ap.add_argument("--model", help=f"base model (default: {BASE}; with --quick a tiny one built from SNIPS)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps of 32 sequences (--quick: 6 of 8) per job")
-    ap.add_argument("--out", help="results file (default: bench/results/<cpu>-train.md; --quick: none)")
     ap.add_argument("--_breakdown", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._breakdown:  # child process
@@ -216,9 +207,8 @@ def main() -> int:
                 "defaults, 2 workers x 1 CPU, FSDP2": job(ov, 2, batch, tmp, "defaults-2"),
                 "defaults, 1 worker x 2 CPUs (unsharded)": job(ov, 1, batch, tmp, "defaults-1")}
         roof = roofline(model, parts["defaults"], rows, fast_bf16())  # while a --quick model exists
-    lines = [f"# Training throughput ({cpu_name()}, {os.cpu_count()} CPUs; fast bf16: {fast_bf16()})", "",
-             f"`{' '.join(['.venv/bin/python', 'bench/train.py', *sys.argv[1:]])}` at commit {commit()}; QLoRA (NF4, "
-             f"LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per step.", "",
+    lines = [f"QLoRA (NF4, LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per "
+             f"step; bf16 products faster than fp32 here (hardware.fast_bf16): {fast_bf16()}.", "",
              f"## Where a step's time goes (one process, no Ray, {batch // 2} sequences: a worker's share; seconds per step)", "",
              "| part | previous job's settings | defaults |", "|---|---:|---:|"]
     for k in ["forward", "backward", "optimizer"]:
@@ -239,11 +229,8 @@ def main() -> int:
     lines += ["", f"speedup: training job tokens/s vs the previous job on the same machine = {speedup:.2f}x"]
     text = "\n".join(lines)
     print(text)
-    if not args.quick or args.out:
-        out = Path(args.out or ROOT / "bench" / "results" / f"{slug(cpu_name())}-train.md")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"\nwritten to {out}", file=sys.stderr)
+    if not args.quick:
+        results.write("train", text)
     return 0
 
 
@@ -270,16 +257,6 @@ def roofline(model: str, defaults: dict, rows: dict, bf16: bool) -> str:
 def tps(p: dict) -> float:
     return p["tokens_per_step"] / max(sum(p["clock"].values()), 1e-9)
 
-
-def commit() -> str:
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=ROOT).stdout.strip()
-    return (r.stdout.strip() or "unknown") + ("+changes" if dirty else "")
-
-
-def slug(s: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in s.lower()).strip("-")
 
 
 if __name__ == "__main__":

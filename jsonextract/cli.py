@@ -20,6 +20,7 @@ import os
 import sys
 
 from jsonextract.errors import UserError
+from jsonextract.logs import quiet_libraries
 
 # subcommand -> (module with `main(argv) -> int`, one line for the command list). Imported only when chosen, so
 # `jsonextract --help` and each job's `--help` load no model library.
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     if args[0] not in COMMANDS:
         print(f"error: unknown command {args[0]!r}; one of: {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
+    quiet_libraries()  # before any library loads; inherited by the processes the command starts
     run_main(lambda: importlib.import_module(COMMANDS[args[0]][0]).main(args[1:]))
 
 

@@ -22,22 +22,19 @@ from jsonextract.lazy import lazy
 torch = lazy("torch")
 
 
-# bf16 decoding wins where it is measured at least this much faster than model.dtype at decoding's shapes
-# (measured ratios lie far from it: 2.6-7x with AMX or Zen 5's AVX512-BF16, below 0.7x elsewhere).
+# bf16 wins where it is measured at least this much faster than fp32 at decoding's shapes; CPUs with native bf16
+# units lie far above it and CPUs that emulate bf16 far below (docs/experiments.md has the ratios).
 BF16_MIN_SPEEDUP = 1.5
 
 
 @functools.cache
 def bf16_matmul_speedup() -> float:
     """How many times faster than fp32 this CPU multiplies decoding-shaped matrices in bf16 (a 64-row activation
-    by a 576x1536 weight, SmolLM2's MLP; the best of a few, at torch's thread count; about 30 ms, once a process;
-    where bf16 is emulated, one timed call 20x fp32's is enough: 0.2 s instead of 0.47 on a Zen 3, one thread)."""
+    by a 576x1536 weight, SmolLM2's MLP; the best of a few, at torch's thread count; once a process; where bf16
+    is emulated, the first timed call is far enough over fp32's to stop there)."""
     # Measured, not read from CPU flags: which kernel a bf16 product gets depends on the CPU, on oneDNN's
-    # dispatch and on the environment, and the flags do not tell the speed. At decoding's shapes (32-1000 rows by
-    # 576x1536), one thread, fp32 / bf16 time: 2-core Sapphire Rapids (AMX) 2.6-7.3x; the same CPU with oneDNN held to
-    # AVX512-BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) 0.65x; 2-core AMD EPYC Zen 5 (AVX512-BF16, no AMX) 3.1-4.6x
-    # (MKL's fp32 runs there at about 100 GFLOP/s, oneDNN's bf16 at 290-470); oneDNN held to AVX2 0.01x (its
-    # reference kernel: 174 ms against 2 ms).
+    # dispatch and on the environment (ONEDNN_MAX_CPU_ISA can hold an AMX CPU below its bf16 units), and the
+    # flags do not tell the speed.
     def best(dtype, give_up: float = float("inf")) -> float:
         a, b = torch.randn(64, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
         a @ b  # oneDNN builds its kernel on the first call
@@ -46,7 +43,7 @@ def bf16_matmul_speedup() -> float:
             start = time.perf_counter()
             a @ b
             times.append(time.perf_counter() - start)
-            if times[-1] > give_up:  # far too slow to win: oneDNN's reference kernel takes 174 ms a call
+            if times[-1] > give_up:  # far too slow to win: oneDNN's reference kernel
                 break
         return min(times)
 

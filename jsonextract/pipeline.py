@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,7 +63,6 @@ def main(argv: list[str]) -> int:
     old_run = Path(cfg.runs_dir) / cfg.name
     if old_run.exists() and cfg.start_at <= 2:  # the pipeline is one fresh run; resuming is the training job's business
         print(f"[pipeline] removing the previous run's checkpoints in {old_run}")
-        import shutil
         shutil.rmtree(old_run)
     train_cfg = load(TrainConfig, cfg.train, list(cfg.train_overrides))
     timings: dict[str, float] = {}
@@ -82,16 +82,16 @@ def main(argv: list[str]) -> int:
     preds = run_dir / "predictions"
     step(f"3/5 batch-extract the {cfg.split} split (Ray Data)",
          [*JOB, "extract", "--config", cfg.extract, f"input={split}", f"output={preds}",
-          f"adapter={adapter}", "resume=false", *cfg.extract_overrides], timings, 3, cfg.start_at)
+          f"adapter={adapter}", "resume=false", "table_fields=0", *cfg.extract_overrides], timings, 3, cfg.start_at)
     baseline = None
     if cfg.baseline_limit:
         base_in = slice_file(data / f"{cfg.split}.jsonl", run_dir / "baseline_input.jsonl", cfg.baseline_limit)
         step("   zero-shot baseline: the base model without adapter (same decoder)",
              [*JOB, "extract", "--config", cfg.extract, f"input={base_in}", f"output={run_dir / 'baseline'}",
               "adapter=", f"model.name={model_dir}", f"model.quantization={train_cfg.model.quantization}",
-              f"schema={data / 'schema.json'}", "resume=false", *cfg.extract_overrides], timings, 3, cfg.start_at)
+              f"schema={data / 'schema.json'}", "resume=false", "table_fields=0", *cfg.extract_overrides], timings, 3, cfg.start_at)
     step("4/5 evaluate", [*JOB, "evaluate", f"predictions={preds}", f"gold={split}",
-                          f"out={run_dir / 'metrics.json'}"], timings)
+                          f"out={run_dir / 'metrics.json'}", "table_fields=0"], timings)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if cfg.baseline_limit:  # zero-shot and fine-tuned scored the same way, on the same records
         schema = load_schema(data / "schema.json")

@@ -9,9 +9,14 @@ same output folder skips the ids already there. With gold targets in the input, 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
-from jsonextract.batch.replica import ExtractActor, balanced_batch_rows, parse_file, resolve_inputs, summarise
+import ray
+import ray.data
+
+from jsonextract.batch.inputs import parse_file, resolve_inputs
+from jsonextract.batch.replica import ExtractActor, balanced_batch_rows, summarise
 from jsonextract.config.core import parse_args
 from jsonextract.config.extract import ExtractConfig
 from jsonextract.data.io import (
@@ -26,6 +31,7 @@ from jsonextract.data.schema import load_schema
 from jsonextract.errors import UserError
 from jsonextract.evaluation.metrics import score_results
 from jsonextract.evaluation.score import format_table
+from jsonextract.logs import quiet_ray_data, ray_init_options
 from jsonextract.models.loading import check_model_name
 from jsonextract.models.manifest import read_manifest
 
@@ -63,12 +69,9 @@ def already_done(cfg: ExtractConfig) -> set[str]:
     return {r["id"] for r in read_results(cfg.output, ["id"], files=result_files(cfg.output))}
 
 
-def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs, done: set[str], skipped):
-    """The streaming pipeline; `skipped` (a SkipCounter) counts the input rows dropped as already done while they
-    stream past, so rows in = rows written + rows skipped."""
-    import ray
-    import ray.data
-
+def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs, done: set[str], progress):
+    """The streaming pipeline, and the number of rows it will extract; `progress` (a Progress actor) counts the
+    input rows dropped as already done and the rows the replicas finish."""
     done_ref = ray.put(done)
     ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=fs)
     ds = ds.flat_map(parse_file, fn_kwargs={"cfg": cfg})
@@ -81,7 +84,7 @@ def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs
             return batch
         kept = batch[~batch["id"].isin(ids)]
         if len(kept) < len(batch):
-            ray.get(skipped.add.remote(len(batch) - len(kept)))  # waited for: counted before the job ends
+            ray.get(progress.add_skipped.remote(len(batch) - len(kept)))  # waited for: counted before the job ends
         return kept
 
     # Counting reads the input once more (parsing is cheap next to decoding): with the count, the last round of
@@ -93,29 +96,64 @@ def build_pipeline(cfg: ExtractConfig, schema: dict | None, paths: list[str], fs
     # One file parses into one block, which one actor would take whole: cut the stream into actor-sized blocks
     # (a streaming repartition, no all-to-all barrier) so every replica gets work.
     ds = ds.repartition(target_num_rows_per_block=batch_rows)
-    ds = ds.map_batches(ExtractActor, fn_constructor_kwargs={"cfg": cfg, "schema": schema},
+    ds = ds.map_batches(ExtractActor, fn_constructor_kwargs={"cfg": cfg, "schema": schema, "progress": progress},
                         batch_size=batch_rows, batch_format="pandas",
                         compute=ray.data.ActorPoolStrategy(
                             size=cfg.pool.num_actors, max_tasks_in_flight_per_actor=cfg.pool.batches_in_flight),
                         num_cpus=cfg.pool.cpus_per_actor, num_gpus=cfg.pool.gpus_per_actor or None)
-    return ds
+    return ds, n_rows
 
 
-def skip_counter():
-    import ray
+@ray.remote(num_cpus=0)
+class Progress:
+    """Rows skipped as already done (counted while they stream past, so rows in = rows written + rows skipped) and
+    rows extracted (each replica adds its batches), read by the driver's progress line."""
 
-    @ray.remote(num_cpus=0)
-    class SkipCounter:
-        def __init__(self):
-            self.n = 0
+    def __init__(self):
+        self.skipped = self.done = 0
 
-        def add(self, k: int) -> None:
-            self.n += k
+    def add_skipped(self, k: int) -> None:
+        self.skipped += k
 
-        def total(self) -> int:
-            return self.n
+    def add_done(self, k: int) -> None:
+        self.done += k
 
-    return SkipCounter.remote()
+    def state(self) -> tuple[int, int]:
+        return self.done, self.skipped
+
+
+class ProgressLine:
+    """Prints `[extract] done/total rows (x%), r rows/s, ETA` every `every_s` seconds while the job writes, when
+    the count has moved (a thread beside Ray Data's own execution)."""
+
+    def __init__(self, progress, total: int, every_s: float = 10.0):
+        self.progress, self.total, self.every_s = progress, total, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.t0 = time.time()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        shown = 0
+        while not self.stop.wait(self.every_s):
+            try:
+                done, _ = ray.get(self.progress.state.remote(), timeout=5)
+            except Exception:  # a progress line is never worth failing the job for
+                continue
+            if done == shown:
+                continue
+            shown, elapsed = done, time.time() - self.t0
+            rate = done / elapsed
+            eta = (self.total - done) / rate if rate > 0 and done < self.total else 0
+            print(f"[extract] {done}/{self.total} rows ({done / max(self.total, 1):.0%}), {rate:.1f} rows/s, "
+                  f"ETA {eta // 60:.0f}:{eta % 60:02.0f}", flush=True)
 
 
 def write(ds, cfg: ExtractConfig) -> None:
@@ -133,8 +171,6 @@ def score(cfg: ExtractConfig, schema: dict | None) -> dict | None:
 
 
 def main(argv: list[str]) -> int:
-    import ray
-
     cfg = parse_args(ExtractConfig, argv, __doc__)
     if not cfg.input or not cfg.output:
         raise UserError("extract needs input=PATH and output=PATH")
@@ -146,23 +182,25 @@ def main(argv: list[str]) -> int:
     done = already_done(cfg)
     print(f"[extract] {len(paths)} input file(s); {len(done)} ids already in {cfg.output}")
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, **ray_init_options())
+    quiet_ray_data()
     before = set(result_files(cfg.output))
-    skipped = skip_counter()
-    ds = build_pipeline(cfg, schema, paths, fs, done, skipped)
+    progress = Progress.remote()
+    ds, n_rows = build_pipeline(cfg, schema, paths, fs, done, progress)
     t0 = time.time()
-    write(ds, cfg)
+    with ProgressLine(progress, n_rows):
+        write(ds, cfg)
     seconds = time.time() - t0
     new = [f for f in result_files(cfg.output) if f not in before]
     rows = read_results(cfg.output, ["id", "valid", "error", "output_tokens"], files=new)
-    n_skipped = ray.get(skipped.total.remote())
+    n_skipped = ray.get(progress.state.remote())[1]
     summary = summarise(rows, n_skipped, seconds) | {"rows_in": len(rows) + n_skipped}
     print("[extract] " + json.dumps(summary))
     write_json(cfg.output, "_summary.json", summary)
     metrics = score(cfg, schema)
     if metrics:
         path = write_json(cfg.output, "_metrics.json", metrics)
-        print(format_table(metrics, max_fields=20))
+        print(format_table(metrics, max_fields=cfg.table_fields))
         print(f"[extract] metrics written to {path}")
     return 0
 

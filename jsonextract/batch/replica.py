@@ -1,28 +1,22 @@
-"""Building blocks of the batch extraction job: input resolution and parsing into rows (malformed input becomes
-error rows, never a failed read), the actor that holds one model copy, chunk merging, resume and summaries.
-"""
+"""The batch job's model side: the replica (one model copy per Ray Data actor; never raises on a row, failures are
+error rows), batch sizing, merging the chunks of a long text, and the job's summary."""
 from __future__ import annotations
 
-import csv
-import fnmatch
-import glob
-import io
 import json
 import math
 import os
 import time
 from collections import Counter
-from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from pathlib import Path
 
+from jsonextract.config.core import prompt_budget
 from jsonextract.config.extract import ExtractConfig
-from jsonextract.data.io import filesystem
 from jsonextract.data.prompt import PromptBuilder
-from jsonextract.data.records import Columns, Record, check_record, parse_jsonl
 from jsonextract.data.schema import order_like_schema, validation_error
 from jsonextract.decoding.extractor import Extractor, Result, apply_grounding, extract_in_batches
 from jsonextract.errors import UserError
 from jsonextract.lazy import lazy
+from jsonextract.logs import verbose
 from jsonextract.models.inference import load_for_inference
 from jsonextract.models.manifest import temperature_of
 
@@ -34,99 +28,6 @@ torch = lazy("torch")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-
-def resolve_inputs(spec: str) -> tuple[list[str], Any]:
-    """(paths, pyarrow filesystem) for a file, folder, glob or URI (`s3://bucket/dir/*.jsonl`, `file:///...`);
-    an empty match is an error naming `spec`."""
-    has_glob = any(c in spec for c in "*?[")
-    if "://" in spec:
-        root = spec.split("*")[0].rsplit("/", 1)[0] if has_glob else spec  # the folder above the first wildcard
-        fs, base = filesystem(root)
-        pattern = base + spec[len(root):] if has_glob else None  # same form as the FileInfo paths it is matched to
-    elif has_glob:
-        paths = sorted(str(Path(p).resolve()) for p in glob.glob(str(Path(spec).expanduser()), recursive=True)
-                       if Path(p).is_file())
-        if not paths:
-            raise UserError(f"input: no files match {spec}")
-        return paths, pafs.LocalFileSystem()
-    else:
-        (fs, base), pattern = filesystem(spec), None
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(f"input not found: {spec}")
-    if info.type == pafs.FileType.File:
-        return [base], fs
-    entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    paths = sorted(e.path for e in entries if e.type == pafs.FileType.File
-                   and not PurePosixPath(e.path).name.startswith((".", "_"))
-                   and (pattern is None or glob_match(e.path, pattern)))
-    if not paths:
-        raise UserError(f"input: no files {'match' if pattern else 'under'} {spec}")
-    return paths, fs
-
-
-def glob_match(path: str, pattern: str) -> bool:
-    """Shell-style: `*` stays within one path segment; `**` spans any number of them."""
-    if "**" in pattern:
-        return fnmatch.fnmatch(path, pattern.replace("**", "*"))
-    parts, pats = path.split("/"), pattern.split("/")
-    return len(parts) == len(pats) and all(fnmatch.fnmatch(a, b) for a, b in zip(parts, pats))
-
-
-def file_format(path: str, configured: str) -> str:
-    if configured != "auto":
-        return configured
-    name = path.lower()
-    for suffix, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".parquet", "parquet"), (".csv", "csv")):
-        if name.endswith(suffix):
-            return fmt
-    return "text"
-
-
-def to_row(cfg: ExtractConfig, rec: Record) -> dict:
-    """The pipeline row of one input record: a bad record becomes an error row, never a dropped one. The gold
-    target is optional here: a usable text with an unusable target is extracted, without a target."""
-    usable = rec.text is not None
-    row = {"id": rec.id, "text": rec.text if usable else None,
-           "target": json.dumps(rec.target, ensure_ascii=False) if rec.target is not None else None,
-           # JSON text: Ray Data's columns hold one type, and a context is an object or a string
-           "context": json.dumps(rec.context, ensure_ascii=False) if rec.context is not None else None,
-           "error": None if usable else f"bad_input: {rec.error}", "source": rec.source}
-    for c in cfg.passthrough_columns:
-        v = rec.raw.get(c) if isinstance(rec.raw, dict) else None
-        row[f"pass_{c}"] = None if v is None else (v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
-    return row
-
-
-def parse_file(item: dict, cfg: ExtractConfig) -> Iterator[dict]:
-    """flat_map over read_binary_files rows: one pipeline row per record of the file, in file order."""
-    path, data = item["path"], item["bytes"]
-    name = PurePosixPath(path).name
-    cols = Columns(cfg.text_column, cfg.id_column, cfg.target_column, cfg.context_column)
-    fmt = file_format(path, cfg.input_format)
-    if fmt == "text":  # one document per file
-        try:
-            obj = {cfg.text_column: data.decode("utf-8"), cfg.id_column: name}
-        except UnicodeDecodeError as e:
-            yield to_row(cfg, Record(name, None, None, path, f"{path}: not UTF-8 ({e.reason} at byte {e.start})"))
-            return
-        yield to_row(cfg, check_record(obj, path, name, cols=cols))
-        return
-    if fmt == "jsonl":
-        for rec in parse_jsonl(data.split(b"\n"), path, cols=cols):
-            yield to_row(cfg, rec)
-        return
-    try:
-        if fmt == "parquet":
-            records = pq.read_table(io.BytesIO(data)).to_pylist()
-        else:
-            records = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
-    except Exception as e:  # an unreadable file is one error row, the rest of the corpus goes on
-        yield to_row(cfg, Record(name, None, None, path, f"{path}: cannot read as {fmt}: {e}"))
-        return
-    for n, obj in enumerate(records):
-        yield to_row(cfg, check_record(obj, f"{path}:{n}", f"{name}:{n}", cols=cols))
 
 
 # ---------------------------------------------------------------------------------------------- the actor
@@ -159,6 +60,12 @@ def merge_chunks(objs: list[dict]) -> dict:
 NO_ANNOTATION = {"grounding": None, "confidence": None, "confidence_uncalibrated": None, "dropped": None}  # rows without an output
 
 
+def error_row(error: str) -> dict:
+    """The result columns of a row with no output: bad input, or a failure the replica caught."""
+    return {"output": None, "valid": False, "error": error, "input_tokens": 0, "output_tokens": 0,
+            "input_truncated": False, "chunks": 0} | NO_ANNOTATION
+
+
 def replica_device(gpus_per_actor: float) -> str:
     """A replica given GPUs runs on the one Ray made visible to it (Ray sets CUDA_VISIBLE_DEVICES per actor, so it
     is always "cuda", index 0); a replica given none runs on the CPU."""
@@ -173,7 +80,7 @@ def replica_device(gpus_per_actor: float) -> str:
 class ExtractActor:
     """One model copy per actor (map_batches on an actor pool). Never raises on a row: failures are error rows."""
 
-    def __init__(self, cfg: ExtractConfig, schema: dict | None):
+    def __init__(self, cfg: ExtractConfig, schema: dict | None, progress=None):
         t0 = time.perf_counter()
         if cfg.fail_actor_once and not os.path.exists(cfg.fail_actor_once):
             Path(cfg.fail_actor_once).write_text("died once")
@@ -181,12 +88,12 @@ class ExtractActor:
         else:
             self._die = False
 
-        self.cfg = cfg
+        self.cfg, self.progress = cfg, progress  # progress: the job's Progress actor (None outside the job)
         device = replica_device(cfg.pool.gpus_per_actor)
         lm = load_for_inference(cfg.model, cfg.adapter or None, device)
         schema = schema if schema is not None else lm.schema
         self.tokenizer = lm.tokenizer
-        budget = cfg.model.max_length - cfg.decoding.max_new_tokens
+        budget = prompt_budget(cfg.model, cfg.decoding)
         self.extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema), cfg.decoding,
                                    max_prompt_tokens=budget, truncate_input=cfg.long_text == "truncate",
                                    temperature=temperature_of(lm.manifest))
@@ -202,8 +109,7 @@ class ExtractActor:
         todo = []
         for i, r in enumerate(rows):
             if r["error"]:
-                results[i] = {"output": None, "valid": False, "error": r["error"], "input_tokens": 0,
-                              "output_tokens": 0, "input_truncated": False, "chunks": 0} | NO_ANNOTATION
+                results[i] = error_row(r["error"])
             else:
                 todo.append(i)
         contexts = [json.loads(r["context"]) if r.get("context") else None for r in rows]
@@ -214,8 +120,11 @@ class ExtractActor:
                              **{k: r[k] for k in r if k.startswith("pass_")}} for r, res in zip(rows, results)])
         t1 = time.time()
         span = "-".join(time.strftime("%H:%M:%S", time.localtime(t)) for t in (t0, t1))
-        print(f"[extract] replica {os.getpid()}: {len(rows)} rows in {t1 - t0:.1f} s "
-              f"({len(rows) / max(t1 - t0, 1e-9):.1f} rows/s; {span})", flush=True)
+        if self.progress is not None:
+            self.progress.add_done.remote(len(rows))  # not waited for: the driver's progress line reads it
+        if verbose():  # per replica and batch: how evenly the replicas share the work
+            print(f"[extract] replica {os.getpid()}: {len(rows)} rows in {t1 - t0:.1f} s "
+                  f"({len(rows) / max(t1 - t0, 1e-9):.1f} rows/s; {span})", flush=True)
         return out
 
     def _token_groups(self, texts: list[str], idx: list[int]) -> list[list[int]]:
@@ -240,9 +149,7 @@ class ExtractActor:
                        for t, c, r in zip(texts, contexts, self.extractor.extract(texts, contexts=contexts))]
         except Exception as e:  # a failure of the whole batch: retry row by row so one bad row cannot sink it
             if len(texts) == 1:
-                return [{"output": None, "valid": False, "error": f"internal: {type(e).__name__}: {e}",
-                         "input_tokens": 0, "output_tokens": 0, "input_truncated": False, "chunks": 0}
-                        | NO_ANNOTATION]
+                return [error_row(f"internal: {type(e).__name__}: {e}")]
             return [r for t, c in zip(texts, contexts) for r in self._extract([t], [c])]
         return results
 

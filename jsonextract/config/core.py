@@ -301,6 +301,12 @@ def split_cli(argv: list[str], cls: type | None = None, usage: str = "") -> tupl
     return path, rest
 
 
+def prompt_budget(model: "ModelConfig", decoding: "DecodingConfig") -> int:
+    """The tokens a prompt may take: what the model's context leaves after the answer's budget. Every job that
+    decodes (dev evaluation, calibration, the batch replicas, Serve) cuts or refuses prompts by this."""
+    return model.max_length - decoding.max_new_tokens
+
+
 def parse_args(cls: type[T], argv: list[str], usage: str) -> T:
     """A job's config from its command line, `[--config FILE] [key=value ...]`; `--help` prints `usage` and every
     setting of `cls`, and exits."""

@@ -42,6 +42,13 @@ class Columns:
     context: str = "context"
 
 
+def json_value(v: Any, default: Any = None) -> Any:
+    """A value stored either as JSON text (a Parquet/JSONL result column) or already parsed; `default` for None."""
+    if v is None:
+        return default
+    return json.loads(v) if isinstance(v, str) else v
+
+
 def check_record(obj: Any, source: str, fallback_id: str, need_target: bool = False,
                  cols: Columns = Columns()) -> Record:
     """Validate one parsed record (a JSON object, or a Parquet/CSV row); never raises. A target given as a JSON

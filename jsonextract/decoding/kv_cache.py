@@ -53,8 +53,7 @@ class Slab:
     """The prompt groups' key/value caches as one buffer pair per layer, [rows, heads, width, head_dim], the groups'
     rows one after another: group g's cache writes in place from position `holes[g]` on (its masked holes, zeros,
     come first: attention reads keys by mask, not by place), so the groups' caches are already the joined cache of
-    all rows. Joining them by concatenation instead copied every layer's cache three times into fresh memory: 9% of
-    a batch of 256 SNIPS rows (one thread, Zen 5), most of it the first touch of that memory."""
+    all rows. Joining them by concatenation instead would copy every layer's cache three times into fresh memory."""
 
     def __init__(self, sizes: list[int], holes: list[int], width: int, dtype=None):
         self.sizes, self.holes, self.width, self.dtype = sizes, holes, width, dtype
@@ -99,7 +98,7 @@ def growing_layer_class(dtype=None):
     class GrowingLayer(cache_utils.DynamicLayer):
         """Keys and values in buffers with room to grow along the sequence: a pass writes its positions in place
         and the layer hands out views, where transformers' DynamicLayer concatenates, copying the whole cache of
-        every layer on every pass (6-9% of a CPU decode's operator time at batch 100). With a `store_dtype`, each
+        every layer on every pass. With a `store_dtype`, each
         pass's new positions are rounded to it on the way in (a bf16 cache for attention.HALF)."""
         store_dtype = dtype
 

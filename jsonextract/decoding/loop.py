@@ -19,8 +19,8 @@ generate's left padding; tests compare them token for token):
   after them, left-padded, the padding being masked holes in the middle. Position ids count only real tokens,
   so every row sees positions 0..n-1 as in an unpadded run.
 - Rows that finish leave the batch (their cache rows are dropped), so a long tail decodes at a small batch.
-- Prompts in length groups: one left-padded prompt pass computes every row at the longest row's length (on
-  SNIPS 39% and on Restaurant-8k 62% of that pass was padding). Rows are sorted by length and split where the
+- Prompts in length groups: one left-padded prompt pass computes every row at the longest row's length, much of
+  it padding. Rows are sorted by length and split where the
   padding saved is worth a pass's overhead (`PassCost`); each group writes its cache in place into one buffer
   per layer for all rows, behind masked holes up to a common length (`Slab`), and all rows decode together.
 - On a CPU the loop projects the final hidden states onto the vocabulary itself (`VocabHead`): only where it

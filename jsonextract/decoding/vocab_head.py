@@ -15,21 +15,19 @@ xgr = lazy("xgrammar")
 class VocabHead:
     """The output projection done by the loop, from the decoder's hidden states: only at the positions it reads
     (no padding, no rejected tail), and where the grammar allows few tokens, onto those alone. Inside a JSON
-    answer most positions allow a handful of tokens (keys, enum values, punctuation: 70% of the positions read on
-    SNIPS allowed at most 256 tokens, 91% on Restaurant-8k), yet the full projection onto 49,152 tokens costs a
-    fifth of the model's matmul work per position and runs at half the speed of the decoder's matrices on a CPU
-    (its 113 MB weight and output do not stay in cache: 36-40 GFLOP/s against 60-79 at 100 rows, one thread).
-    The positions with few allowed tokens are projected together onto the union of their allowed tokens (one
-    product: on SNIPS 77 such positions a pass shared 56 tokens; one small product per position had cost 0.3 s
-    of a 10 s batch in Python and per-call overhead). The full projection, where needed, goes by vocabulary
-    chunks that do stay in cache (1.4-1.5x; the same values, bit for bit). Allowed-token logits equal the full
+    answer most positions allow a handful of tokens (keys, enum values, punctuation), yet the full projection onto
+    a large vocabulary is a big share of a small model's matmul work per position, and slow on a CPU (its weight
+    and output do not stay in cache). The positions with few allowed tokens are projected together onto the union
+    of their allowed tokens, in one product (one small product per position costs more in Python and per-call
+    overhead than it saves). The full projection, where needed, goes by vocabulary chunks that do stay in cache
+    (the same values, bit for bit). Allowed-token logits equal the full
     projection's up to float rounding (another summation order), as a different batch size gives already: the
     masked argmax is the same but for exact near-ties.
 
     Where the decoder's products run in bf16 on the CPU, the full projection does too (`_choose_half`): reading
-    the head once per pass bounds it by memory (fp32 weights: 37 ms for 37 positions on Zen 5, 18% of a batch;
-    bf16: 8 ms). The token is still fp32's: every token whose bf16 logit is within a rounding bound of the best
-    one is recomputed in fp32 (6.8 per position on SNIPS) and the argmax taken over those.
+    the head once per pass bounds it by memory, and bf16 halves what is read. The token is still fp32's: every
+    token whose bf16 logit is within a rounding bound of the best one is recomputed in fp32 (a few per position)
+    and the argmax taken over those. Figures for each of these: docs/decoding.md and docs/experiments.md.
 
     Only for models whose forward is exactly `lm_head(decoder(...))` with a plain bias-free Linear (no logit
     scaling or soft-capping), on a CPU, not FSDP-wrapped: elsewhere the model's own logits are used. A PEFT model
@@ -46,9 +44,8 @@ class VocabHead:
         self.decoder = decoder
         # Logits in fp32 from a half-precision head (a model loaded or cast whole in bf16, e.g. `model.dtype=
         # bfloat16`; `model.inference_dtype=bfloat16` leaves the head in fp32): bf16 logits of magnitude 16-32 are
-        # rounded to steps of 0.125, which ties or flips the argmax between close tokens. With an fp32 copy of the
-        # head (113 MB for SmolLM2) the whole-bf16 model's outputs matched fp32's on 641 instead of 618 of 700
-        # SNIPS test records (Restaurant-8k: 978 instead of 973 of 1000).
+        # rounded to steps of 0.125, which ties or flips the argmax between close tokens; an fp32 copy of the head
+        # brings the whole-bf16 model's outputs closer to fp32's.
         self.weight = derived(weight, torch.float32, lambda w: w.detach().float())
         self.chunks = self.weight.split(self.CHUNK)
         self.half = None
@@ -129,9 +126,8 @@ class VocabHead:
         accumulation (below 2^-14 |h| |w| for these widths). A token can be the argmax only if its upper bound
         reaches the best lower bound; every token that passes a looser test of that (one comparison per logit,
         with the largest |w|) is recomputed in fp32, and the argmax taken. The log-probability's normaliser sums
-        the recomputed logits and the other tokens' bf16 ones: against the fp32 projection's, log-probabilities
-        moved by 0.0002 on average and at most 0.004 (440 free-text positions of SNIPS test rows, tokens
-        identical). 37 positions over SmolLM2's vocabulary: 10.5 ms, against 29 ms in fp32 (one thread, Zen 5)."""
+        the recomputed logits and the other tokens' bf16 ones, so log-probabilities move by a little against the
+        fp32 projection's while the tokens stay identical (tests/unit/test_decoding.py checks both)."""
         chunks, norms, weight_rounding = self.half
         h16 = hidden.to(chunks[0].dtype)
         lg = torch.cat([F.linear(h16, w) for w in chunks], dim=1).float()
@@ -143,7 +139,7 @@ class VocabHead:
         need = best - u * best.abs() - 2 * slack  # below the best token's lower bound, less the most a bound adds
         cut = torch.where(need >= 0, need / (1 + u), need / (1 - u))  # y + u|y| >= need
         cut = torch.where(torch.isfinite(best), cut, float("inf"))  # a row with no allowed token: no candidate
-        flat = np.flatnonzero(lg.numpy() >= cut.numpy()[:, None])  # (numpy's: 4x torch.nonzero's speed here)
+        flat = np.flatnonzero(lg.numpy() >= cut.numpy()[:, None])  # (numpy's is faster than torch.nonzero here)
         rows, toks = (torch.from_numpy(a) for a in np.divmod(flat, lg.shape[1]))
         exact = (self.weight[toks] * hidden[rows].to(self.weight.dtype)).sum(1)
         lg[rows, toks] = exact
@@ -157,7 +153,7 @@ class VocabHead:
 
 def derived(weight, key, make):
     """`make(weight)`, made once per weight and `key` and kept on the weight tensor itself, so it lives as long as
-    the model (SmolLM2's fp32 head copy: 27 ms; its bf16 copy); remade when the weight's storage or version
+    the model (the fp32 or bf16 copy of a head is made once, not per batch); remade when the weight's storage or version
     changes (edits through `.data` are not seen: no inference path edits the head, which is cast after any
     merge)."""
     stamp = (weight._version, weight.data_ptr())

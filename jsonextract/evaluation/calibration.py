@@ -7,19 +7,15 @@ A predicted value is correct when its (path, normalised value) pair is in the go
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Iterable
 
+from jsonextract.data.records import json_value
 from jsonextract.data.schema import flatten
 from jsonextract.evaluation.metrics import Counts
 
 BUCKETS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0)
 INDEX = re.compile(r"\[\d+\]")
-
-
-def _load(v: Any) -> Any:
-    return json.loads(v) if isinstance(v, str) else v
 
 
 def _leaf_values(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -50,10 +46,10 @@ def grounding_metrics(pairs: Iterable[tuple[dict, Any]]) -> dict[str, Any] | Non
     seen = False
     for row, gold in pairs:
         g_items = flatten(gold) if gold is not None else set()
-        out = _load(row.get("output")) if row.get("valid") else None
-        grounding = _load(row.get("grounding")) or {}
-        conf = _load(row.get("confidence")) or {}
-        conf_t1 = _load(row.get("confidence_uncalibrated")) or {}
+        out = json_value(row.get("output")) if row.get("valid") else None
+        grounding = json_value(row.get("grounding")) or {}
+        conf = json_value(row.get("confidence")) or {}
+        conf_t1 = json_value(row.get("confidence_uncalibrated")) or {}
         seen = seen or bool(grounding)
         kept_items, all_items = set(), set()
         for path, value in _leaf_values(out).items():

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     out = Path(cfg.out) if cfg.out else (pred if pred.is_dir() else pred.parent) / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=1))
-    print(format_table(metrics))
+    print(format_table(metrics, max_fields=cfg.table_fields))
     print(f"\nmetrics written to {out}")
     return 0
 

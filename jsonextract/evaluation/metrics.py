@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from jsonextract.data.records import json_value
 from jsonextract.data.schema import flatten, validation_error
 
 
@@ -85,11 +86,10 @@ def judge(pred: Any, schema: dict | None = None) -> tuple[Any, bool, bool]:
     is_row = isinstance(pred, dict) and ("id" in pred or "valid" in pred) and ("output" in pred or "prediction" in pred)
     row = pred if is_row else {"output": pred}
     out = row.get("output", row.get("prediction"))
-    if isinstance(out, str):
-        try:
-            out = json.loads(out)
-        except json.JSONDecodeError:
-            return None, False, False
+    try:
+        out = json_value(out)
+    except json.JSONDecodeError:
+        return None, False, False
     if out is None:
         return None, False, False
     ok = bool(row.get("valid", True))

@@ -12,7 +12,7 @@ from jsonextract.evaluation.metrics import score_results
 
 
 def format_table(metrics: dict[str, Any], max_fields: int = 60) -> str:
-    """Human-readable report: headline metrics, per-group and per-field tables."""
+    """Human-readable report: headline metrics, then (max_fields > 0) per-group and per-field tables and grounding."""
     lines = [
         f"records            {metrics['n']}",
         f"JSON-valid rate    {metrics['json_valid_rate']:.4f}",
@@ -34,6 +34,8 @@ def format_table(metrics: dict[str, Any], max_fields: int = 60) -> str:
             out.append(f"... {len(rows) - max_fields} more fields in the metrics JSON")
         return out
 
+    if max_fields <= 0:
+        return "\n".join(lines[:-1])
     lines += table("group", metrics["groups"]) + [""] + table("field", metrics["per_field"])
     if metrics.get("grounding"):
         lines += ["", format_grounding(metrics["grounding"])]

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from jsonextract.data.io import read_results
-from jsonextract.data.records import read_jsonl
+from jsonextract.data.records import json_value, read_jsonl
 from jsonextract.errors import UserError
 
 STYLE = """body{font:14px/1.5 system-ui,sans-serif;margin:20px;color:#1d2327}
@@ -40,19 +40,17 @@ def highlight(text: str, grounding: dict, confidence: dict) -> str:
 
 
 def render(rows: list[dict], texts: dict[str, str]) -> str:
-    def load(v):
-        return json.loads(v) if isinstance(v, str) else (v or {})
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>extractions</title><style>{STYLE}</style>"
              f"</head><body><h1>Extractions ({len(rows)} records)</h1>"]
     for r in rows:
         text = texts.get(str(r["id"]), "")
-        g, c = load(r.get("grounding")), load(r.get("confidence"))
+        g, c = json_value(r.get("grounding"), {}), json_value(r.get("confidence"), {})
         flagged = [p for p, v in g.items() if v is None]
-        right = (f"<pre>{html.escape(json.dumps(load(r['output']), indent=1, ensure_ascii=False))}</pre>"
+        right = (f"<pre>{html.escape(json.dumps(json_value(r['output'], {}), indent=1, ensure_ascii=False))}</pre>"
                  if r.get("valid") else f"<div class='err'>{html.escape(str(r.get('error')))}</div>")
         if flagged:
             right += "<div class='ungrounded'>not in the text: " + ", ".join(html.escape(p) for p in flagged) + "</div>"
-        dropped = load(r.get("dropped")) or []
+        dropped = json_value(r.get("dropped"), [])
         if dropped:
             right += "<div class='ungrounded'>dropped: " + ", ".join(html.escape(p) for p in dropped) + "</div>"
         parts.append(f"<div class='rec'><div><div class='id'>{html.escape(str(r['id']))}</div>"

@@ -4,18 +4,15 @@ transformers' `sdpa` attention gives every query head its own copy of the cached
 whenever a pass feeds more than one position and a mask is given; it avoids the copy only for one-position passes.
 The decoding loop's passes are mostly of several positions (a sampled token plus its jump-forward draft, prompts in
 padded groups), so each layer of each pass copied the whole cache `num_key_value_groups` times, and attention then
-read all the copies: on SmolLM2-135M (9 query heads over 3 key/value heads) at batch 256 on a CPU, the copies were
-6% of a batch's time. Here the query heads that share a key/value head are laid along the query length instead
+read all the copies. Here the query heads that share a key/value head are laid along the query length instead
 (batch, kv_heads, groups x positions, head_dim) and the mask repeated to match: each (row, head, position) attends
 to the same keys with the same mask as before, so the outputs are those of `sdpa` (tests compare them).
 
 Where the decoder's matrix products run in bf16 on a CPU (`model.inference_dtype`), attention's own two products
 (queries x keys, probabilities x values) run in bf16 too, over a key/value cache the decoding loop stores in bf16
-(`HALF`, `cache_dtype`); the mask and the softmax stay fp32. With the products 4x faster, fp32 attention had become
-a quarter of a batch's time (2-core AMD EPYC Zen 5, 256 SNIPS rows); torch's flash kernel gains nothing from bf16
-inputs on a CPU at these shapes (it computes the scores in fp32 blocks), while two batched bf16 matrix products
-ran attention 2.5-4.8x faster at the loop's decode shapes (128 rows x 1-8 positions x 82 keys, one thread) and
-1.6-3.4x at its prompt shapes (docs/experiments.md).
+(`HALF`, `cache_dtype`); the mask and the softmax stay fp32. torch's flash kernel gains nothing from bf16 inputs
+on a CPU at these shapes (it computes the scores in fp32 blocks), while two batched bf16 matrix products do
+(figures in docs/experiments.md).
 """
 from __future__ import annotations
 
@@ -78,8 +75,7 @@ def packed_gqa_half_products(module, query, key, value, attention_mask, dropout:
     for b in range(0, B, step):
         rows = slice(b, b + step)
         # The decoding loop's cache hands out views into buffers with room to grow; a batched bf16 product copies
-        # such an operand itself, transposed for the keys: 0.94 ms where copying first and multiplying took 0.35
-        # (128 rows x 12 query positions x 82 keys, one thread, Zen 5).
+        # such a strided operand itself, transposed for the keys, more slowly than one contiguous copy first.
         k, v = key[rows].contiguous(), value[rows].contiguous()
         s = torch.matmul(q[rows], k.transpose(-1, -2)).float().view(-1, KV, G, T, L)
         if mask is not None:

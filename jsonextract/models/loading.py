@@ -8,7 +8,12 @@ from typing import Any
 from jsonextract.config.core import LoraSettings, ModelConfig
 from jsonextract.errors import UserError
 from jsonextract.lazy import lazy
+from jsonextract.logs import quiet_libraries
 from jsonextract.models import base
+
+# Every process that loads a model comes through here (Ray workers and replicas included, which do not run the
+# command line's set-up): the libraries' messages that need no action are silenced before they load.
+quiet_libraries()
 
 peft = lazy("peft")
 torch = lazy("torch")
@@ -76,7 +81,7 @@ def load_base(cfg: ModelConfig, device: str = "cpu"):
 def load_inference_base(cfg: ModelConfig, device: str = "cpu"):
     """The base for inference only. An NF4 base is dequantised once (cfg.inference_weights): the same weight
     values in `cfg.dtype`, so an adapter trained over the NF4 base sees what it was trained on, and no 4-bit
-    unpacking per forward pass (1.6-1.7x faster decoding on 2 CPU cores: bench/extract.py, README)."""
+    unpacking per forward pass (bench/extract.py measures the difference)."""
     model = load_base(cfg, device)
     if cfg.quantization == "nf4" and cfg.inference_weights == "dequantized":
         model = model.dequantize()

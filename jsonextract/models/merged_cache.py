@@ -2,9 +2,8 @@
 adapter builds them as before (NF4 base quantised on load, dequantised, LoRA merged by peft) and saves them as
 a plain Hugging Face model folder; every later load, in any process on the machine, reads that folder instead.
 
-Why: a batch replica spent 21 s starting on 2 CPU cores, of which quantising the base on load
-took 5.5 s and importing peft (which imports bitsandbytes, which imports torch's compiler) 6 s; from the merged
-folder a replica starts in 10 s, without either library. The entry is keyed by everything the merged values
+Why: most of a replica's start-up went to quantising the base on load and importing peft (which imports
+bitsandbytes, which imports torch's compiler); from the merged folder a replica starts without either. The entry is keyed by everything the merged values
 depend on, so a retrained adapter, another base or another library version never reads a stale entry.
 """
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Inference with the decoder's matrix products in a half-precision dtype (bf16 where the CPU runs bf16 products
-faster: AMX, Zen 5) and the residual stream in the model's own dtype (fp32 on CPUs).
+faster, `hardware.fast_bf16`) and the residual stream in the model's own dtype (fp32 on CPUs).
 
-Casting the whole model to bf16 also rounds the residual stream, the norms' inputs, attention and the KV cache to
-bf16 at every layer. Measured with the SNIPS and Restaurant-8k adapters over SmolLM2-135M (2-core Xeon with AMX,
-one process at the batch job's batch of 256, all test records; docs/experiments.md), against the previous decoding
-path (NF4 base + LoRA, fp32): the whole model in bf16 changed 67 of 700 SNIPS outputs and 14-15 of 1,000
-Restaurant-8k outputs; every linear layer in bf16 with its input and output cast, 45-46 and 8-9, but 8-17%
-slower (casts around every layer, the MLP's wide intermediate in fp32); each layer's MLP in bf16 as a whole and
-the attention projections cast one by one (what `lower_matmul_precision` does), 38 and 7, 5-7% slower than the
-whole model in bf16. fp32 throughout: 29 and 5, at 1.65-1.72x the bf16 model's time.
+Casting the whole model to bf16 would also round the residual stream, the norms' inputs, attention and the KV
+cache to bf16 at every layer, and change more outputs. Here each layer's MLP runs in bf16 as a whole (its wide
+intermediate never goes back to fp32) and the attention projections are cast one by one, so only the products'
+inputs are rounded. How many outputs each choice changed, and at what speed: docs/experiments.md.
 """
 from __future__ import annotations
 

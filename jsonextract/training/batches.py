@@ -1,9 +1,9 @@
 """Training data: check the records, tokenise them once, and deal them out as micro-batches.
 
-Tokenising SNIPS train (13k records) with SmolLM2's chat template takes ~6 s of one core; every worker used to
-do it again on every run. Now one process per node tokenises and writes an Arrow dataset (`datasets`, memory-
-mapped) under `data.cache_dir`, keyed by the file's content, the tokenizer, the prompt and the length limit; the
-other workers of that node, and later runs, read it.
+Tokenising a training file with a chat template costs seconds of a core that every worker would otherwise spend
+again on every run: one process per node tokenises and writes a Parquet file (pyarrow) under `data.cache_dir`,
+keyed by the file's content, the tokenizer, the prompt and the length limit; the other workers of that node, and
+later runs, read it.
 """
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ from jsonextract.data.schema import canonical_json
 from jsonextract.errors import UserError
 from jsonextract.lazy import lazy
 
-datasets = lazy("datasets")
+pa = lazy("pyarrow")
+pq = lazy("pyarrow.parquet")
+
+TOKENS = "tokens.parquet"  # in a cache entry, beside counts.json
 
 
 def schema_path(cfg: TrainConfig) -> Path:
@@ -77,7 +80,7 @@ def cache_key(path: str, prompt: PromptBuilder, tokenizer: Any, max_length: int,
     tok_id = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
     for part in (tok_id, str(getattr(tokenizer, "chat_template", "")), PROMPT_VERSION,
                  canonical_json({"prompt": vars(prompt.cfg), "schema": prompt.schema}),
-                 f"{max_length}:{skip_bad}:{limit}"):
+                 f"{max_length}:{skip_bad}:{limit}", TOKENS):  # the file format too: older entries are not read
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:24]
 
@@ -99,15 +102,16 @@ def load_tokenized(path: str, prompt: PromptBuilder, tokenizer: Any, max_length:
         examples, too_long = tokenize(records, prompt, tokenizer, max_length)
         tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in examples],
-                                    "labels": [e.labels for e in examples]}).save_to_disk(str(tmp))
+        tmp.mkdir(parents=True)
+        pq.write_table(pa.table({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}),
+                       str(tmp / TOKENS))
         (tmp / "counts.json").write_text(json.dumps({"skipped": skipped, "too_long": too_long, "source": path}))
         try:
             tmp.rename(entry)  # atomic: a reader sees the whole entry or none
         except OSError:  # another node or run wrote it first (shared file system): theirs is identical
             shutil.rmtree(tmp, ignore_errors=True)
     counts = json.loads((entry / "counts.json").read_text())
-    table = datasets.load_from_disk(str(entry)).with_format(None)
+    table = pq.read_table(str(entry / TOKENS)).to_pydict()
     examples = [Example(ids, labels) for ids, labels in zip(table["input_ids"], table["labels"])]
     return TokenizedFile(examples, counts["skipped"], counts["too_long"])
 

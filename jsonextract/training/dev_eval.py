@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from jsonextract.config.core import prompt_budget
 from jsonextract.config.train import EvalConfig, TrainConfig
 from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.records import Example, pad_batch, spread
@@ -56,7 +57,7 @@ class DevDecoder:
         if worker.main and self.records:
             self.model = attach_lora(load_base(cfg.model, str(worker.device)), cfg.lora)
             self.extractor = Extractor(self.model, tokenizer, prompt, cfg.decoding,
-                                       max_prompt_tokens=cfg.model.max_length - cfg.decoding.max_new_tokens)
+                                       max_prompt_tokens=prompt_budget(cfg.model, cfg.decoding))
 
     def __call__(self, weights: dict[str, torch.Tensor]) -> dict:
         if self.model is None:

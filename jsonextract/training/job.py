@@ -9,6 +9,8 @@ runs is the Recipe in jsonextract/training/recipe.py.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -17,9 +19,17 @@ from pathlib import Path
 from jsonextract.config.core import parse_args
 from jsonextract.config.train import TrainConfig
 from jsonextract.data.schema import load_schema
+from jsonextract.lazy import lazy
+from jsonextract.logs import library_log_level, ray_init_options
 from jsonextract.models.loading import check_model_name
 from jsonextract.training.batches import check_records, schema_path
+from jsonextract.training.checkpoint import local_checkpoints
 from jsonextract.training.recipe import train_loop_per_worker
+from jsonextract.training.temperature import calibrate_adapter
+
+ray = lazy("ray")
+ray_torch = lazy("ray.train.torch")
+ray_train = lazy("ray.train")
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -34,8 +44,6 @@ def preflight(cfg: TrainConfig) -> None:
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Workers may start in another directory (Ray's working_dir): pass them absolute local paths."""
-    import dataclasses
-
     def absol(p: str) -> str:
         return str(Path(p).resolve()) if p and "://" not in p and Path(p).exists() else p
 
@@ -48,22 +56,20 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def fit_with_ray(cfg: TrainConfig):
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # each report otherwise blocks ~1.3 s
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}})
-    trainer = TorchTrainer(
+        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}},
+                 **ray_init_options())
+    trainer = ray_torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+        torch_config=ray_torch.TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        scaling_config=ray_train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
                                      resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)),
+        run_config=ray_train.RunConfig(name=cfg.run.name, storage_path=cfg.run.storage_path,
+                             checkpoint_config=ray_train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+                             failure_config=ray_train.FailureConfig(max_failures=cfg.run.max_failures),
+                             logging_config=ray_train.LoggingConfig(log_level=library_log_level())),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -73,9 +79,7 @@ def fit_with_ray(cfg: TrainConfig):
 
 def fit_locally(cfg: TrainConfig):
     train_loop_per_worker({"cfg": cfg})
-    import json
 
-    from jsonextract.training.checkpoint import local_checkpoints
     latest = local_checkpoints(Path(cfg.run.storage_path) / cfg.run.name)[-1]
     return str(latest), json.loads((latest / "manifest.json").read_text())["metrics"]
 
@@ -96,10 +100,9 @@ def main(argv: list[str]) -> int:
     ckpt, metrics = fit_with_ray(cfg) if cfg.run.use_ray else fit_locally(cfg)
     save_output(ckpt, cfg.run.output_dir)
     if cfg.eval.calibration_records and cfg.data.dev_file:
-        from jsonextract.training.temperature import calibrate_adapter
         t1 = time.time()
         cal = calibrate_adapter(cfg.run.output_dir, cfg.model, cfg.decoding, cfg.data.dev_file,
-                                cfg.eval.calibration_records, cfg.model.max_length)
+                                cfg.eval.calibration_records)
         if cal["values"]:
             print(f"[train] confidence temperature {cal['temperature']:g} fitted on the {cal['values']} values "
                   f"predicted for {cal['records']} dev records: NLL of their rightness {cal['dev_value_nll_at_1']:.4f} "

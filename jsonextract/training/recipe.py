@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from jsonextract import hardware
+from jsonextract.logs import quiet_train_worker
 from jsonextract.config.core import to_dict
 from jsonextract.config.train import TrainConfig
 from jsonextract.data.prompt import PromptBuilder
@@ -45,6 +46,7 @@ from jsonextract.training.loss import answer_loss
 
 
 def train_loop_per_worker(config: dict) -> None:
+    quiet_train_worker()
     recipe = Recipe(config["cfg"])
     recipe.setup()
     recipe.resume()
@@ -121,7 +123,7 @@ class Recipe:
             model.enable_input_require_grads()
         if self.worker.world > 1:
             # With one rank FSDP shards nothing but still pays DTensor and all-gather bookkeeping on every op
-            # (measured: 1-worker job at 0.6x a plain loop's tokens/s), so a world of one trains unwrapped.
+            # for nothing, so a world of one trains unwrapped.
             shard_fsdp2(model, cfg, self.worker)
         return model
 
@@ -146,7 +148,7 @@ class Recipe:
     def train(self) -> None:
         cfg, state = self.cfg, self.state
         self.model.train()
-        t_last, tokens_since = time.time(), 0.0
+        t_last, tokens_since, step_last = time.time(), 0.0, state.step
         while state.step < cfg.optim.max_steps:
             if cfg.run.fail_at_step and self.fresh and state.step == cfg.run.fail_at_step and self.worker.main:
                 raise RuntimeError(f"injected failure at step {state.step} (run.fail_at_step, test only)")
@@ -154,8 +156,8 @@ class Recipe:
             state.step += 1
             tokens_since += stats.tokens
             if state.step % cfg.run.log_every_steps == 0 or state.step == cfg.optim.max_steps:
-                self._log_progress(stats, tokens_since, time.time() - t_last)
-                t_last, tokens_since = time.time(), 0.0
+                self._log_progress(stats, tokens_since, time.time() - t_last, state.step - step_last)
+                t_last, tokens_since, step_last = time.time(), 0.0, state.step
             if self.evaluate_and_checkpoint():
                 t_last = time.time()  # tokens/s measures training only, not evaluation or checkpointing
 
@@ -184,15 +186,16 @@ class Recipe:
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(loss_sum, answer_tokens, tokens)
 
-    def _log_progress(self, stats: StepStats, tokens_since: float, seconds: float) -> None:
+    def _log_progress(self, stats: StepStats, tokens_since: float, seconds: float, steps: int) -> None:
         loss, answer_tokens = all_reduce_sum([stats.loss_sum, stats.answer_tokens], self.worker)
         loss /= max(answer_tokens, 1.0)
         tps = all_reduce_sum([tokens_since], self.worker)[0] / max(seconds, 1e-9)
         entry = {"step": self.state.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": tps,
                  "interval_s": seconds, "peak_rss_mb": peak_rss_mb()}
         self.state.history.append(entry)
+        eta = (self.cfg.optim.max_steps - self.state.step) * seconds / max(steps, 1)  # training steps only
         self.log(f"step {self.state.step}/{self.cfg.optim.max_steps} loss {loss:.4f} lr {entry['lr']:.2e} "
-                 f"tokens/s {tps:.0f}")
+                 f"tokens/s {tps:.0f} ETA {eta // 60:.0f}:{eta % 60:02.0f}")
 
     # ------------------------------------------------------------------------------------------ evaluate, save
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jsonextract.config.core import prompt_budget
 from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.records import Example, pad_batch, read_jsonl, spread
 from jsonextract.data.schema import flatten
@@ -126,14 +127,13 @@ def fit_temperature(samples: list[Sample]) -> dict:
             "dev_ece_at_1": ece_one, "dev_ece": fits[best][1], "values": n, "records": len(samples)}
 
 
-def calibrate_adapter(adapter_dir: str, model_cfg, decoding_cfg, dev_file: str, n_records: int,
-                      max_length: int) -> dict:
+def calibrate_adapter(adapter_dir: str, model_cfg, decoding_cfg, dev_file: str, n_records: int) -> dict:
     """Fit the temperature of the adapter in `adapter_dir` on `dev_file` (n_records spread over it; 0 = all), with
     the model as inference loads it, and write it into the adapter's manifest. Returns the calibration entry."""
     # SDPA attention: the teacher-forced passes are whole sequences without a cache, which it computes as is.
     lm = load_for_inference(dataclasses.replace(model_cfg, inference_attention="sdpa"), adapter_dir)
     extractor = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, lm.schema), decoding_cfg,
-                          max_prompt_tokens=max_length - decoding_cfg.max_new_tokens)
+                          max_prompt_tokens=prompt_budget(model_cfg, decoding_cfg))
     records = spread([r for r in read_jsonl(dev_file, need_target=True) if r.ok], n_records)
     entry = fit_temperature(value_samples(extractor, records, decoding_cfg.batch_size))
     path = Path(adapter_dir) / MANIFEST

@@ -6,7 +6,8 @@ import pytest
 
 from jsonextract.errors import UserError
 
-from jsonextract.batch.replica import balanced_batch_rows, merge_chunks, parse_file, replica_device, resolve_inputs
+from jsonextract.batch.inputs import parse_file, resolve_inputs
+from jsonextract.batch.replica import balanced_batch_rows, merge_chunks, replica_device
 from jsonextract.config.extract import ExtractConfig
 
 

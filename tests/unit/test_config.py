@@ -66,8 +66,6 @@ def config_class_for(path: Path):
     kind = path.parent.name
     if kind == "tiny":
         return C.TinyModelConfig
-    import sys
-    sys.path.insert(0, str(ROOT))
     if kind == "train":
         from jsonextract.config.train import TrainConfig
         return TrainConfig

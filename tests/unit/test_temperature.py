@@ -55,7 +55,7 @@ def test_calibration_lands_in_the_manifest(tiny_adapter):
     from jsonextract.models.manifest import temperature_of
 
     entry = calibrate_adapter(str(tiny_adapter), C.ModelConfig(merged_cache=""), C.DecodingConfig(max_new_tokens=48),
-                              str(SNIPS / "dev.jsonl"), 16, 256)
+                              str(SNIPS / "dev.jsonl"), 16)
     assert entry["records"] <= 16 and read_manifest(tiny_adapter)["calibration"] == entry
     assert temperature_of(read_manifest(tiny_adapter)) == entry["temperature"]
     assert temperature_of({"calibration": {"temperature": -1}}) == temperature_of({}) == 1.0
