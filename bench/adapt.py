@@ -89,10 +89,10 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
 def main() -> int:
     # the run's output also goes to bench/results/<cpu>-adapt.md and docs/benchmarks.md (not in --quick)
     with results.recorded("adapt", enabled="--quick" not in sys.argv):
-        return run()
+        return measure()
 
 
-def run() -> int:
+def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5 steps, 16 dev records (used by the tests)")
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps of 32 sequences per mode")

@@ -313,10 +313,10 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
 def main() -> int:
     # the run's output also goes to bench/results/<cpu>-extract.md and docs/benchmarks.md (not in --quick)
     with results.recorded("extract", enabled="--quick" not in sys.argv):
-        return run()
+        return measure()
 
 
-def run() -> int:
+def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random model, 16 SNIPS records (used by the tests)")
     ap.add_argument("--records", type=int, default=96, help="test records per data set for the in-process variants")

@@ -25,10 +25,10 @@ DATA = ROOT / "data" / "snips"
 def main() -> int:
     # the run's output also goes to bench/results/<cpu>-grounding.md and docs/benchmarks.md (not in --quick)
     with results.recorded("grounding", enabled="--quick" not in sys.argv):
-        return run()
+        return measure()
 
 
-def run() -> int:
+def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, 32 records, 2 reps (the tests)")
     ap.add_argument("--adapter", help="adapter dir (default: the untrained tiny model)")

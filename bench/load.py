@@ -124,10 +124,10 @@ def kill_model_replica() -> None:
 def main() -> int:
     # the run's output also goes to bench/results/<cpu>-load.md and docs/benchmarks.md (not in --quick)
     with results.recorded("load", enabled="--quick" not in sys.argv):
-        return run()
+        return measure()
 
 
-def run() -> int:
+def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="160 requests per phase at concurrency 32 (the tests)")
     ap.add_argument("--requests", type=int, default=1000, help="requests per phase")

@@ -29,7 +29,7 @@ BENCHES = {
     "extract": "The decoding loop against step-by-step `generate()` over the NF4 base + LoRA (the previous path), each "
                "measure added in turn, in one process; then the Ray Data job on both paths. Every row says how many "
                "outputs are identical to the previous path's. Last line: `speedup: job rows/s vs step-by-step decoding`.",
-    "serve": "Ray Serve over HTTP at rising concurrency: requests/s and latency percentiles, batched vs one at a time.",
+    "serving": "Ray Serve over HTTP at rising concurrency: requests/s and latency percentiles, batched vs one at a time.",
     "load": "The Serve app under hostile load (valid and invalid requests, bursts over the queue limit, a replica "
             "killed): counts by status, latency percentiles, whether every 503 carries Retry-After.",
     "grounding": "The cost of grounding: extraction with `decoding.grounding=annotate` against `off`.",

@@ -31,6 +31,12 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE, "") not in ("", "0")
 
 
+def detail(message: str) -> None:
+    """A line for --verbose only: what a process decided on its own (repeated by every replica that loads a model)."""
+    if verbose():
+        print(message, flush=True)
+
+
 def quiet_libraries() -> None:
     """Silence, in this process, what the module docstring lists (no-op with --verbose). Called where a job starts
     and where a model is loaded, so Ray workers, which import that code, are quiet too."""

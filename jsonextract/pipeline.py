@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     report = write_report(run_dir, title=f"Run report: {cfg.name}", metrics=metrics, baseline=baseline,
                           history=history, pred_rows=rows, gold_records=[r for r in read_jsonl(split) if r.ok],
                           timings=timings, notes=notes)
-    print(format_table(metrics, max_fields=10))
+    print(format_table(metrics, max_fields=0))  # the tables, curves and examples are in the report
     if baseline:
         zs, ft = baseline["zero-shot base"], baseline["fine-tuned"]
         print(f"\nsame {zs['n']} records: zero-shot base field F1 {zs['f1']:.4f}, fine-tuned {ft['f1']:.4f}")

@@ -19,6 +19,7 @@ from jsonextract.lazy import lazy
 from jsonextract.logs import verbose
 from jsonextract.models.inference import load_for_inference
 from jsonextract.models.manifest import temperature_of
+from jsonextract.models.precision import matmul_dtype
 
 pafs = lazy("pyarrow.fs")
 pd = lazy("pandas")
@@ -98,7 +99,8 @@ class ExtractActor:
                                    max_prompt_tokens=budget, truncate_input=cfg.long_text == "truncate",
                                    temperature=temperature_of(lm.manifest))
         self.overhead = len(self.extractor.prompt.encode_prompt(self.tokenizer, "").ids)
-        print(f"[extract] replica ready on {device}: model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"[extract] replica ready on {device}, matrix products in {str(matmul_dtype(lm.model)).removeprefix('torch.')}: "
+              f"model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
 
     def __call__(self, batch):
         t0 = time.time()

@@ -37,7 +37,7 @@ class ExtractConfig:
     context_column: str = "context"  # optional column/key: what the text answers (a JSON object or a string), shown to the model beside the text; any other type is an error row
     passthrough_columns: tuple[str, ...] = ()  # input columns copied to the output unchanged
     long_text: Literal["chunk", "truncate", "error"] = "chunk"  # texts over the context: split+merge, cut, or error row
-    table_fields: int = 20  # with gold targets: fields in the printed per-field table; 0 = headline metrics only
+    table_fields: int = 20  # with gold targets: fields in the printed per-field table; 0 = the headline metrics on one line
     resume: bool = True  # skip ids already written to `output`; false = start over (its result files are deleted first)
     limit: int = 0  # only the first N input rows (0 = all)
     model: ModelConfig = field(default_factory=ModelConfig)  # base model (ignored when the adapter names one)

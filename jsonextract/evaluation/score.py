@@ -34,8 +34,10 @@ def format_table(metrics: dict[str, Any], max_fields: int = 60) -> str:
             out.append(f"... {len(rows) - max_fields} more fields in the metrics JSON")
         return out
 
-    if max_fields <= 0:
-        return "\n".join(lines[:-1])
+    if max_fields <= 0:  # one line
+        return (f"records {metrics['n']} | JSON-valid {metrics['json_valid_rate']:.1%} | schema-valid "
+                f"{metrics['schema_valid_rate']:.1%} | exact match {metrics['exact_match']:.1%} | field P "
+                f"{metrics['precision']:.4f} R {metrics['recall']:.4f} F1 {metrics['f1']:.4f}")
     lines += table("group", metrics["groups"]) + [""] + table("field", metrics["per_field"])
     if metrics.get("grounding"):
         lines += ["", format_grounding(metrics["grounding"])]

@@ -10,6 +10,7 @@ from typing import Any
 from jsonextract import hardware
 from jsonextract.config.core import ModelConfig, PromptConfig, build
 from jsonextract.lazy import lazy
+from jsonextract.logs import detail
 from jsonextract.models.attention import set_inference_attention
 from jsonextract.models.loading import ModelLoadError, keeps_4bit, load_inference_base, load_tokenizer, torch_dtype
 from jsonextract.models.manifest import MANIFEST, read_manifest, trained_base
@@ -107,11 +108,11 @@ def to_inference_dtype(model, cfg: ModelConfig, device: str = "cpu"):
         note += f"; bf16 products measured at {hardware.bf16_matmul_speedup():.2g}x fp32's speed on this CPU"
     if model.dtype == dtype:
         if measured:  # a user on a CPU without fast bf16 learns why it stayed fp32
-            print(f"[model] matrix products in {name} ({note})", flush=True)
+            detail(f"[model] matrix products in {name} ({note})")
         return model
     if dtype.itemsize < model.dtype.itemsize:
         lower_matmul_precision(model, dtype)
-        print(f"[model] matrix products in {name}, activations in {own} ({note})", flush=True)
+        detail(f"[model] matrix products in {name}, activations in {own} ({note})")
         return model
-    print(f"[model] inference in {name} ({note})", flush=True)
+    detail(f"[model] inference in {name} ({note})")
     return model.to(dtype)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from jsonextract.config.core import ModelConfig
 from jsonextract.lazy import lazy
+from jsonextract.logs import detail
 from jsonextract.models.loading import load_base
 
 huggingface_hub = lazy("huggingface_hub")
@@ -102,7 +103,7 @@ class MergedCache:
             shutil.rmtree(self.entry, ignore_errors=True)
             return None
         os.utime(self.entry)  # most recently used: kept when older entries are pruned
-        print(f"[model] merged weights read from {self.entry} (model.merged_cache)", flush=True)
+        detail(f"[model] merged weights read from {self.entry} (model.merged_cache)")
         return model.eval()
 
     def save(self, model) -> None:
@@ -120,8 +121,7 @@ class MergedCache:
                                                 "quantization": self.cfg.quantization}, indent=1))
             os.rename(tmp, self.entry)
             tmp = None
-            print(f"[model] merged weights saved to {self.entry} (model.merged_cache): later loads read them",
-                  flush=True)
+            detail(f"[model] merged weights saved to {self.entry} (model.merged_cache): later loads read them")
         except OSError as e:
             if not (self.entry / INFO).is_file():
                 print(f"[model] could not save merged weights to {self.root}: {e}", flush=True)

@@ -51,7 +51,7 @@ def test_extract_bench_quick():
 
 
 def test_serve_bench_quick():
-    out = run_bench("serve.py")
+    out = run_bench("serving.py")
     assert "| batched (max_batch_size 32) | 32 |" in out and "| unbatched (max_batch_size 1) | 32 |" in out
     assert "batched / unbatched" in out and "defaults / previous decoding path requests/s" in out
 

@@ -1,6 +1,7 @@
 """The quick variant of the main job on the real SmolLM2 base, end to end: base -> fine-tune (Ray Train, 2 workers,
 FSDP2, QLoRA, 12 steps) -> Ray Data extraction of a dev slice -> evaluate -> report. The fine-tuned adapter must
-clearly beat the zero-shot base on the same records."""
+clearly beat the zero-shot base on the same records, and the log is quiet and useful: a few lines per step, the
+training progress with an ETA, none of the libraries' noise."""
 import json
 import os
 import subprocess
@@ -15,6 +16,13 @@ def test_quick_pipeline_learns_and_reports(tmp_path):
                         f"runs_dir={tmp_path / 'runs'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (r.stdout + r.stderr).splitlines()
+    assert len(log) <= 80, "\n".join(log)
+    for noise in ("LOAD_GLOBAL", "RETURN_VALUE", "kernels-community", "Loading weights", "Saving the dataset",
+                  "Reporting training result", "streaming_executor", "Started a local Ray instance", "Traceback"):
+        assert not [line for line in log if noise in line], noise
+    assert any("[train rank0] step 12/12" in line and "ETA" in line for line in log)
+    assert sum(line.startswith("== ") for line in log) >= 5  # one header per step
     run = tmp_path / "quick"
     metrics = json.loads((run / "metrics.json").read_text())
     both = json.loads((run / "baseline_metrics.json").read_text())

@@ -5,8 +5,8 @@ model.inference_weights=nf4 model.inference_attention=sdpa`), max_batch_size 1 w
 replica on one torch thread, Ray's default for a replica that reserves 1 CPU, and (`--modes fp32`) the defaults
 with fp32 weights where `model.inference_dtype=auto` chose bf16 (bf16 products measured faster on this CPU).
 
-    .venv/bin/python bench/serve.py [--adapter artifacts/adapters/snips] [--requests 96] [--modes batched,one-thread]
-    .venv/bin/python bench/serve.py --quick
+    .venv/bin/python bench/serving.py [--adapter artifacts/adapters/snips] [--requests 96] [--modes batched,one-thread]
+    .venv/bin/python bench/serving.py --quick
 
 It prints, at concurrency 32, each mode's requests/s and p99 against the batched defaults.
 """
@@ -57,12 +57,12 @@ def modes(threads: int) -> list:
 
 
 def main() -> int:
-    # the run's output also goes to bench/results/<cpu>-serve.md and docs/benchmarks.md (not in --quick)
-    with results.recorded("serve", enabled="--quick" not in sys.argv):
-        return run()
+    # the run's output also goes to bench/results/<cpu>-serving.md and docs/benchmarks.md (not in --quick)
+    with results.recorded("serving", enabled="--quick" not in sys.argv):
+        return measure()
 
 
-def run() -> int:
+def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few requests per level (used by the tests)")
     ap.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
