@@ -9,8 +9,9 @@ What is silenced, and why each needs no action:
   own CPU kernel, the path this project runs and measures everywhere;
 - transformers' FutureWarning that PEFT's `is_gradient_checkpointing` check is deprecated (PEFT calls it, not us);
 - transformers' note that dequantised NF4 modules are cast to the model's dtype (the inference path asks for it);
-- Ray Data's INFO lines (execution plan, execution finished, sink finished) and its warning that the progress
-  bars are off (the batch job prints its own progress line instead);
+- Ray Data's INFO lines (execution plan, execution finished, sink finished), its warning that the progress
+  bars are off (the batch job prints its own progress line instead), and its high-memory heuristic, which asks
+  for a per-replica memory reservation every 30 s;
 - Ray's start-up INFO lines and Ray Train's INFO lines (resources requested, worker group started, every result
   reported, every checkpoint created): the jobs print their own step, evaluation and checkpoint lines; warnings
   and errors from Ray stay.
@@ -20,6 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+
+from jsonextract.lazy import lazy
+
+ray = lazy("ray", "ray.data")
 
 VERBOSE = "JSONEXTRACT_VERBOSE"
 
@@ -63,12 +68,13 @@ def quiet_train_worker() -> None:
 
 def quiet_ray_data() -> None:
     """In the batch job's driver, after Ray Data has configured its loggers; its progress bars off."""
-    import ray.data
-
     ray.data.DataContext.get_current().enable_progress_bars = verbose()
     if verbose():
         return
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's memory heuristic asks for a `memory=` reservation per replica (a model's size, every 30 s); the
+    # pool is sized by CPUs and replicas, which the job's settings already bound. Its other detectors stay.
+    ray.data.DataContext.get_current().issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
@@ -79,8 +85,6 @@ def library_log_level() -> str:
 
 def ray_init_options() -> dict:
     """Keyword arguments for `ray.init` in the jobs: Ray's own INFO lines only with --verbose."""
-    import ray
-
     if verbose():
         return {}
     return {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level=library_log_level())}

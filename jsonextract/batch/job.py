@@ -21,6 +21,7 @@ from jsonextract.config.core import parse_args
 from jsonextract.config.extract import ExtractConfig
 from jsonextract.data.io import (
     filesystem,
+    local_folder,
     quarantine_unreadable,
     read_results,
     remove_results,
@@ -40,7 +41,7 @@ def job_schema(cfg: ExtractConfig) -> dict | None:
     if cfg.schema:
         return load_schema(cfg.schema)
     if cfg.adapter:
-        return read_manifest(cfg.adapter).get("schema")
+        return read_manifest(local_folder(cfg.adapter)).get("schema")
     raise UserError("no schema: give schema=PATH or an adapter whose manifest has one")
 
 
@@ -178,7 +179,7 @@ def main(argv: list[str]) -> int:
     check_output_apart(cfg.output, paths)
     schema = job_schema(cfg)
     # The base model, checked (and the embedded default built) once here, not by every actor at once.
-    check_model_name(read_manifest(cfg.adapter)["base_model"] if cfg.adapter else cfg.model.name)
+    check_model_name(read_manifest(local_folder(cfg.adapter))["base_model"] if cfg.adapter else cfg.model.name)
     done = already_done(cfg)
     print(f"[extract] {len(paths)} input file(s); {len(done)} ids already in {cfg.output}")
     if not ray.is_initialized():

@@ -7,6 +7,7 @@ so their rows are extracted again is an explicit step of resuming a batch job (`
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,6 +26,56 @@ def filesystem(location: str | Path) -> tuple[Any, str]:
     if "://" in location:
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def read_bytes(location: str | Path, what: str = "file") -> bytes:
+    """A whole file, local or on any filesystem; UserError naming it when it is not there."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise UserError(f"{what} not found: {location}")
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def sibling(location: str | Path, name: str) -> str:
+    """The file `name` in the folder that holds `location` (a path or a URI)."""
+    location = str(location)
+    if is_uri(location):
+        return location.rsplit("/", 1)[0] + "/" + name
+    return str(Path(location).with_name(name))
+
+
+_copies: dict[str, Path] = {}
+
+
+def local_folder(location: str | Path) -> Path:
+    """A local folder with what `location` holds: a local folder as it is; a folder in object storage copied once per
+    process into a temporary folder (an adapter a replica or a job loads, e.g. s3://bucket/adapters/snips)."""
+    location = str(location)
+    if not is_uri(location):
+        return Path(location)
+    if location not in _copies:
+        fs, path = filesystem(location)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            raise UserError(f"folder not found: {location}")
+        dest = Path(tempfile.mkdtemp(prefix="jsonextract-copy-")) / PurePosixPath(path).name
+        dest.mkdir()
+        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        _copies[location] = dest
+    return _copies[location]
+
+
+def put_folder(local: str | Path, location: str | Path) -> None:
+    """Copy a local folder to `location` (local or URI), replacing what was there."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def is_result_file(path: str) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator
 
+from jsonextract.data.io import is_uri, read_bytes
 from jsonextract.errors import UserError
 from jsonextract.lazy import lazy
 
@@ -124,7 +125,10 @@ def parse_jsonl(lines: Iterable[bytes], path: str, need_target: bool = False,
 
 
 def read_jsonl(path: str | Path, need_target: bool = False) -> Iterator[Record]:
-    """Records of a local JSONL file (see parse_jsonl)."""
+    """Records of a JSONL file, local or a URI (see parse_jsonl)."""
+    if is_uri(path):
+        yield from parse_jsonl(read_bytes(path, "data file").splitlines(), str(path), need_target)
+        return
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")

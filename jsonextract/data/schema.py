@@ -12,6 +12,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry
 from referencing.exceptions import NoSuchResource, Unresolvable
 
+from jsonextract.data.io import read_bytes
 from jsonextract.errors import UserError
 
 if TYPE_CHECKING:
@@ -70,11 +71,13 @@ def check_limits(schema: Any, limits: "SchemaLimits") -> None:
 
 
 def load_schema(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SchemaError(f"schema file not found: {p}")
+    p = str(path)
     try:
-        schema = json.loads(p.read_text())
+        text = read_bytes(p, "schema file")
+    except UserError as e:
+        raise SchemaError(str(e)) from None
+    try:
+        schema = json.loads(text)
     except json.JSONDecodeError as e:
         raise SchemaError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
     return check_schema(schema, str(p))

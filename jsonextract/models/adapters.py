@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from jsonextract.config.core import ModelConfig, PromptConfig, build
-from jsonextract.data.io import filesystem
+from jsonextract.data.io import filesystem, local_folder
 from jsonextract.data.prompt import PromptBuilder
 from jsonextract.lazy import lazy
 from jsonextract.models.attention import set_inference_attention
@@ -40,7 +39,6 @@ class AdapterRegistry:
     def __init__(self, root: str = "", single: str = ""):
         self.root, self.single = root, single
         self._local: dict[str, Path] = {}
-        self._download_dir: Path | None = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -75,13 +73,8 @@ class AdapterRegistry:
             src = self._remote[name]
             if "://" not in self.root or src == self.single:
                 self._local[name] = Path(src)
-            else:
-                fs, _ = filesystem(self.root)
-                self._download_dir = self._download_dir or Path(tempfile.mkdtemp(prefix="adapters-"))
-                dest = self._download_dir / name
-                dest.mkdir(parents=True, exist_ok=True)
-                pafs.copy_files(src, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-                self._local[name] = dest
+            else:  # copied once per process
+                self._local[name] = local_folder(self.root.rstrip("/") + "/" + name)
         return self._local[name]
 
     def manifest(self, name: str) -> dict:

@@ -9,6 +9,7 @@ from typing import Any
 
 from jsonextract import hardware
 from jsonextract.config.core import ModelConfig, PromptConfig, build
+from jsonextract.data.io import local_folder
 from jsonextract.lazy import lazy
 from jsonextract.logs import detail
 from jsonextract.models.attention import set_inference_attention
@@ -40,6 +41,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: str 
     schema = None
     tok_source = model_cfg.name
     if adapter:
+        adapter = str(local_folder(adapter))  # a URI: copied once per process
         if not Path(adapter).is_dir():
             raise ModelLoadError(f"adapter directory not found: {adapter}")
         manifest = read_manifest(adapter)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonextract.config.train import TrainConfig
+from jsonextract.data.io import read_bytes, sibling
 from jsonextract.data.prompt import PROMPT_VERSION, PromptBuilder
 from jsonextract.data.records import Example, read_jsonl
 from jsonextract.data.schema import canonical_json
@@ -29,8 +30,8 @@ pq = lazy("pyarrow.parquet")
 TOKENS = "tokens.parquet"  # in a cache entry, beside counts.json
 
 
-def schema_path(cfg: TrainConfig) -> Path:
-    return Path(cfg.data.schema_file) if cfg.data.schema_file else Path(cfg.data.train_file).with_name("schema.json")
+def schema_path(cfg: TrainConfig) -> str:
+    return cfg.data.schema_file or sibling(cfg.data.train_file, "schema.json")
 
 
 def check_records(path: str, skip_bad: bool, limit: int = 0) -> tuple[list, int]:
@@ -73,9 +74,7 @@ def cache_key(path: str, prompt: PromptBuilder, tokenizer: Any, max_length: int,
     """Everything the tokens depend on: file bytes, tokenizer (vocabulary, merges, chat template), prompt version,
     instruction and schema, length limit and record selection."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    h.update(read_bytes(path, "data file"))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok_id = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
     for part in (tok_id, str(getattr(tokenizer, "chat_template", "")), PROMPT_VERSION,

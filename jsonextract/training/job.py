@@ -13,11 +13,13 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from jsonextract.config.core import parse_args
 from jsonextract.config.train import TrainConfig
+from jsonextract.data.io import is_uri, put_folder
 from jsonextract.data.schema import load_schema
 from jsonextract.lazy import lazy
 from jsonextract.logs import library_log_level, ray_init_options
@@ -84,7 +86,7 @@ def fit_locally(cfg: TrainConfig):
     return str(latest), json.loads((latest / "manifest.json").read_text())["metrics"]
 
 
-def save_output(ckpt_dir: str, out_dir: str) -> None:
+def save_output(ckpt_dir: str, out_dir: str | Path) -> None:
     """The final adapter for extract/serve: PEFT files + tokenizer + manifest (trainer state left out)."""
     out = Path(out_dir)
     if out.exists():
@@ -98,10 +100,12 @@ def main(argv: list[str]) -> int:
     cfg = absolute_paths(cfg)
     t0 = time.time()
     ckpt, metrics = fit_with_ray(cfg) if cfg.run.use_ray else fit_locally(cfg)
-    save_output(ckpt, cfg.run.output_dir)
+    # The adapter is finished in a local folder (calibration writes its manifest), then copied where it belongs.
+    local_out = Path(tempfile.mkdtemp(prefix="adapter-")) / "adapter" if is_uri(cfg.run.output_dir) else cfg.run.output_dir
+    save_output(ckpt, local_out)
     if cfg.eval.calibration_records and cfg.data.dev_file:
         t1 = time.time()
-        cal = calibrate_adapter(cfg.run.output_dir, cfg.model, cfg.decoding, cfg.data.dev_file,
+        cal = calibrate_adapter(str(local_out), cfg.model, cfg.decoding, cfg.data.dev_file,
                                 cfg.eval.calibration_records)
         if cal["values"]:
             print(f"[train] confidence temperature {cal['temperature']:g} fitted on the {cal['values']} values "
@@ -112,6 +116,9 @@ def main(argv: list[str]) -> int:
             print("[train] no dev record gave a valid output with values: confidence left uncalibrated")
     shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
     print(f"[train] done in {time.time() - t0:.0f}s: {shown}")
+    if is_uri(cfg.run.output_dir):
+        put_folder(local_out, cfg.run.output_dir)
+        shutil.rmtree(Path(local_out).parent, ignore_errors=True)
     print(f"[train] adapter written to {cfg.run.output_dir}")
     return 0
 

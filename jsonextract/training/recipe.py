@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 from jsonextract import hardware
-from jsonextract.logs import quiet_train_worker
 from jsonextract.config.core import to_dict
 from jsonextract.config.train import TrainConfig
 from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.records import pad_batch
 from jsonextract.data.schema import load_schema
+from jsonextract.logs import quiet_train_worker
 from jsonextract.models.loading import attach_lora, keep_4bit_layout, load_base, load_tokenizer
 from jsonextract.models.manifest import write_manifest
 from jsonextract.training.batches import check_records, load_tokenized, micro_batches, schema_path
