@@ -3,7 +3,8 @@ a job starts; the job's own lines (one per step, progress with rates and ETA) st
 (JSONEXTRACT_VERBOSE=1) keeps everything.
 
 What is silenced, and why each needs no action:
-- weight-loading progress bars (transformers, huggingface_hub): the jobs print one line per loaded model;
+- weight-loading and conversion progress bars (transformers, huggingface_hub, tqdm): the jobs print one line per
+  loaded model;
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" on AVX512-BF16 CPUs: it tries a
   kernel from the Hugging Face kernel hub, which an offline or untrusted machine cannot use, and falls back to its
   own CPU kernel, the path this project runs and measures everywhere;
@@ -29,7 +30,9 @@ ray = lazy("ray", "ray.data")
 VERBOSE = "JSONEXTRACT_VERBOSE"
 
 # Set in this process and inherited by every process it starts (Ray workers, replicas, the pipeline's steps).
-QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+# TQDM_DISABLE is read when tqdm is imported: it reaches bars that no library switch controls, such as transformers'
+# GGUF conversion in prepare-base.
+QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
 def verbose() -> bool:
