@@ -33,6 +33,9 @@ BENCHES = {
     "load": "The Serve app under hostile load (valid and invalid requests, bursts over the queue limit, a replica "
             "killed): counts by status, latency percentiles, whether every 503 carries Retry-After.",
     "grounding": "The cost of grounding: extraction with `decoding.grounding=annotate` against `off`.",
+    "cluster": "The jobs on a local multi-node Ray cluster (nodes sharing this machine's cores): training tokens/s with "
+               "2 workers on one node vs two nodes, and the batch job's rows/s undisturbed vs with a node removed "
+               "mid-job (every row still out once).",
     "adapt": "QLoRA vs LoRA vs full weights: dev quality per step of the three modes on the same base and data.",
 }
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the real data sets, a tiny model built once per session, and one local Ray per session."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -67,3 +68,58 @@ def ray_session(request):
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+def train_adapter(base, out, data, name, tmp):
+    """A few steps of the real training job (one process, no Ray) on a data set: the adapter and its manifest
+    (schema, prompt) are what `jsonextract train` writes."""
+    from jsonextract.config import core as C
+    from jsonextract.config.train import TrainConfig
+    from jsonextract.training import job as train_job
+
+    over = [f"model.name={base}", "model.max_length=256", f"data.train_file={data / 'train.jsonl'}",
+            "data.dev_file=", "data.max_train_records=64", "optim.batch_size=8", "optim.max_steps=3",
+            "optim.warmup_steps=1", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj]",
+            "eval.decode_samples=0", "run.use_ray=false", f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
+            f"data.cache_dir={tmp / 'cache'}", "run.checkpoint_every_steps=0"]
+    cfg = train_job.absolute_paths(C.load(TrainConfig, None, over))
+    ckpt, _ = train_job.fit_locally(cfg)
+    train_job.save_output(ckpt, str(out))
+
+
+BUCKET = "jsonextract-test"
+
+
+def put(fs, path: str, data: bytes) -> None:
+    """Write `data` to `path` in the test bucket."""
+    with fs.open_output_stream(f"{BUCKET}/{path}") as f:
+        f.write(data)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """{env: the variables a job needs, fs: a pyarrow filesystem on the bucket}; the server stops at the end."""
+    import boto3
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the server's line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # this process's pyarrow reads the bucket the same way the job does
+    try:
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+        fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}/")
+        yield {"env": env, "fs": fs}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

@@ -14,6 +14,7 @@ import time
 
 import ray
 import ray.data
+import ray.util.scheduling_strategies
 
 from jsonextract.batch.inputs import parse_file, resolve_inputs
 from jsonextract.batch.replica import ExtractActor, balanced_batch_rows, summarise
@@ -186,7 +187,10 @@ def main(argv: list[str]) -> int:
         ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, **ray_init_options())
     quiet_ray_data()
     before = set(result_files(cfg.output))
-    progress = Progress.remote()
+    # On the driver's node: a helper on a worker node would die with that node and take the job with it.
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                         soft=False)
+    progress = Progress.options(scheduling_strategy=here).remote()
     ds, n_rows = build_pipeline(cfg, schema, paths, fs, done, progress)
     t0 = time.time()
     with ProgressLine(progress, n_rows):

@@ -63,6 +63,7 @@ class TrainRunConfig:
     num_workers: int = 2  # Ray Train workers (one per GPU on a GPU cluster)
     use_gpu: bool = False  # one GPU per worker, NCCL; False = CPU workers on gloo
     cpus_per_worker: float = 1.0  # CPUs reserved per worker
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # where Ray places the workers: PACK fills a node first, SPREAD puts them on different nodes where it can (STRICT_ = or wait)
     checkpoint_every_steps: int = 50  # adapter-only checkpoint every N steps (and always at the end)
     keep_checkpoints: int = 2  # checkpoints kept in storage_path (CheckpointConfig.num_to_keep)
     max_failures: int = 1  # worker-group restarts from the last checkpoint before the run fails

@@ -157,9 +157,8 @@ def remove_results(location: str | Path) -> list[str]:
 
 
 def write_json(folder: str | Path, name: str, obj: dict) -> str:
-    """Write `obj` as `<folder>/<name>` (local or URI); returns the path written."""
+    """Write `obj` as `<folder>/<name>` (local or URI); returns that path as the user wrote the folder."""
     fs, base = filesystem(folder)
-    path = f"{base}/{name}"
-    with fs.open_output_stream(path) as f:
+    with fs.open_output_stream(f"{base}/{name}") as f:
         f.write(json.dumps(obj, indent=1).encode())
-    return path
+    return f"{str(folder).rstrip('/')}/{name}"

@@ -68,6 +68,7 @@ class TokenizedFile:
     examples: list[Example]
     skipped: int  # malformed lines skipped (data.skip_bad_records)
     too_long: int  # records longer than model.max_length, dropped
+    built: bool = False  # this process tokenised the file (no cache, or it wrote the cache entry)
 
 
 def cache_key(path: str, prompt: PromptBuilder, tokenizer: Any, max_length: int, skip_bad: bool, limit: int) -> str:
@@ -91,10 +92,11 @@ def load_tokenized(path: str, prompt: PromptBuilder, tokenizer: Any, max_length:
     if not cache_dir:
         records, skipped = check_records(path, skip_bad, limit)
         examples, too_long = tokenize(records, prompt, tokenizer, max_length)
-        return TokenizedFile(examples, skipped, too_long)
+        return TokenizedFile(examples, skipped, too_long, built=True)
 
     entry = Path(cache_dir) / cache_key(path, prompt, tokenizer, max_length, skip_bad, limit)
-    if not (entry / "counts.json").is_file():
+    built = not (entry / "counts.json").is_file()
+    if built:
         if not builder:
             raise RuntimeError(f"tokenised-data cache {entry} was not written by this node's first worker")
         records, skipped = check_records(path, skip_bad, limit)
@@ -112,7 +114,7 @@ def load_tokenized(path: str, prompt: PromptBuilder, tokenizer: Any, max_length:
     counts = json.loads((entry / "counts.json").read_text())
     table = pq.read_table(str(entry / TOKENS)).to_pydict()
     examples = [Example(ids, labels) for ids, labels in zip(table["input_ids"], table["labels"])]
-    return TokenizedFile(examples, counts["skipped"], counts["too_long"])
+    return TokenizedFile(examples, counts["skipped"], counts["too_long"], built)
 
 
 def micro_batches(examples: list[Example], step: int, cfg: TrainConfig, rank: int, world: int) -> list[list[Example]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ class Worker:
     local_rank: int  # rank among the workers of this node
     device: torch.device
     in_ray: bool  # started by Ray Train (reports and checkpoints go through ray.train)
+    node: str  # the Ray node id (the host name without Ray)
 
     @property
     def main(self) -> bool:
@@ -41,14 +43,14 @@ def setup_distributed(cfg: TrainConfig) -> Worker:
         in_ray = False
     if in_ray:
         return Worker(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank(), ray.train.torch.get_device(),
-                      True)
+                      True, ray.get_runtime_context().get_node_id())
     if not dist.is_initialized():  # one process, world size 1: FSDP2 still needs a process group
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         use_cuda = cfg.run.use_gpu and torch.cuda.is_available()
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=0, world_size=1)
     device = torch.device("cuda", 0) if cfg.run.use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    return Worker(0, 1, 0, device, False)
+    return Worker(0, 1, 0, device, False, socket.gethostname())
 
 
 def all_reduce_sum(values: list[float], worker: Worker) -> list[float]:

@@ -89,9 +89,12 @@ class Recipe:
                                           cfg.data.max_train_records)
         dev_records = check_records(cfg.data.dev_file, True)[0] if cfg.data.dev_file else []
         self.dev = self._tokenized(cfg.data.dev_file, prompt, True, 0).examples if cfg.data.dev_file else []
+        self.placement = self._placement()
+        nodes = len({w["node"] for w in self.placement})
         self.log(f"{len(self.train_data.examples)} training examples ({self.train_data.skipped} bad lines skipped, "
                  f"{self.train_data.too_long} longer than model.max_length={cfg.model.max_length} dropped), "
-                 f"{len(self.dev)} dev; world size {worker.world} on {worker.device}")
+                 f"{len(self.dev)} dev; world size {worker.world} on {worker.device}"
+                 + (f", {nodes} nodes" if nodes > 1 else ""))
 
         self.model = self._build_model()
         self.params = [p for _, p in trainable(self.model)]
@@ -107,6 +110,14 @@ class Recipe:
         first = load_tokenized(*args, builder=True) if self.worker.node_main else None
         dist.barrier()
         return first if first is not None else load_tokenized(*args, builder=False)
+
+    def _placement(self) -> list[dict]:
+        """Each rank's node and whether it tokenised the training file itself (at most one worker per node builds
+        the token cache); kept in the run's history, so where a run's workers ran can be checked afterwards."""
+        mine = {"rank": self.worker.rank, "node": self.worker.node, "tokenised": self.train_data.built}
+        everyone: list = [None] * self.worker.world
+        dist.all_gather_object(everyone, mine)
+        return everyone
 
     def _build_model(self):
         cfg = self.cfg
@@ -147,6 +158,7 @@ class Recipe:
 
     def train(self) -> None:
         cfg, state = self.cfg, self.state
+        state.history.append({"event": "workers", "step": state.step, "workers": self.placement})
         self.model.train()
         t_last, tokens_since, step_last = time.time(), 0.0, state.step
         while state.step < cfg.optim.max_steps:

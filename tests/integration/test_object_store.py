@@ -6,44 +6,7 @@ import json
 import os
 import subprocess
 
-import pytest
-
-from conftest import JSONEXTRACT, ROOT, SNIPS
-
-BUCKET = "jsonextract-test"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """{env: the variables a job needs, fs: a pyarrow filesystem on the bucket}; the server stops at the end."""
-    import boto3
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # this process's pyarrow reads the bucket the same way the job does
-    try:
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                     aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-        fs, _ = pafs.FileSystem.from_uri(f"s3://{BUCKET}/")
-        yield {"env": env, "fs": fs}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
-
-
-def put(fs, path: str, data: bytes) -> None:
-    with fs.open_output_stream(f"{BUCKET}/{path}") as f:
-        f.write(data)
+from conftest import BUCKET, JSONEXTRACT, ROOT, SNIPS, put
 
 
 def test_batch_job_reads_and_writes_the_bucket(s3, tiny_model):

@@ -9,29 +9,12 @@ import requests
 import torch
 
 from jsonextract.data.schema import load_schema, validation_error
-from conftest import ROOT, SNIPS
+from conftest import ROOT, SNIPS, train_adapter
 
 RESTAURANT = ROOT / "data" / "restaurant8k"
 PORT = 8014
 URL = f"http://127.0.0.1:{PORT}"
 KEY = "test-key-0123456789"
-
-
-def train_adapter(base, out, data, name, tmp):
-    """A few steps of the real training job (one process, no Ray) on a data set: the adapter and its manifest
-    (schema, prompt) are what `jsonextract train` writes."""
-    from jsonextract.config import core as C
-    from jsonextract.config.train import TrainConfig
-    from jsonextract.training import job as train_job
-
-    over = [f"model.name={base}", "model.max_length=256", f"data.train_file={data / 'train.jsonl'}",
-            "data.dev_file=", "data.max_train_records=64", "optim.batch_size=8", "optim.max_steps=3",
-            "optim.warmup_steps=1", "lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj]",
-            "eval.decode_samples=0", "run.use_ray=false", f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
-            f"data.cache_dir={tmp / 'cache'}", "run.checkpoint_every_steps=0"]
-    cfg = train_job.absolute_paths(C.load(TrainConfig, None, over))
-    ckpt, _ = train_job.fit_locally(cfg)
-    train_job.save_output(ckpt, str(out))
 
 
 @pytest.fixture(scope="module")

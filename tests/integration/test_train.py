@@ -246,7 +246,7 @@ def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tin
     model = attach_lora(load_base(cfg.model), cfg.lora)
     full = float(model(**batch).loss)
     assert float(answer_loss(model, batch)) == pytest.approx(full, rel=1e-5)
-    cpu = Worker(0, 1, 0, torch.device("cpu"), False)
+    cpu = Worker(0, 1, 0, torch.device("cpu"), False, "here")
     off = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cpu_autocast="off"))
     with autocast(off, cpu):
         assert float(answer_loss(model, batch)) == pytest.approx(full, rel=1e-5)
