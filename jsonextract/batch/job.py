@@ -27,6 +27,7 @@ from jsonextract.data.io import (
     read_results,
     remove_results,
     result_files,
+    storage_env,
     write_json,
 )
 from jsonextract.data.schema import load_schema
@@ -184,7 +185,7 @@ def main(argv: list[str]) -> int:
     done = already_done(cfg)
     print(f"[extract] {len(paths)} input file(s); {len(done)} ids already in {cfg.output}")
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}, **ray_init_options())
+        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"} | storage_env()}, **ray_init_options())
     quiet_ray_data()
     before = set(result_files(cfg.output))
     # On the driver's node: a helper on a worker node would die with that node and take the job with it.

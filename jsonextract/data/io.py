@@ -7,6 +7,7 @@ so their rows are extracted again is an explicit step of resuming a batch job (`
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -19,6 +20,10 @@ pq = lazy("pyarrow.parquet")
 
 RESULT_SUFFIXES = (".parquet", ".jsonl", ".json")
 
+# The standard variables by which pyarrow's S3 filesystem finds a bucket's endpoint and credentials.
+STORAGE_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_CA_BUNDLE")
+
 
 def filesystem(location: str | Path) -> tuple[Any, str]:
     """(pyarrow filesystem, path inside it) for a local path or a URI."""
@@ -26,6 +31,12 @@ def filesystem(location: str | Path) -> tuple[Any, str]:
     if "://" in location:
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+
+
+def storage_env() -> dict[str, str]:
+    """The object-store variables set in this process, for the runtime_env of the Ray workers a job starts: a
+    worker on another node inherits that node's environment, not the driver's."""
+    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
 
 
 def is_uri(location: str | Path) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from jsonextract.config.core import parse_args
 from jsonextract.config.train import TrainConfig
-from jsonextract.data.io import is_uri, put_folder
+from jsonextract.data.io import is_uri, put_folder, storage_env
 from jsonextract.data.schema import load_schema
 from jsonextract.lazy import lazy
 from jsonextract.logs import library_log_level, ray_init_options
@@ -60,8 +60,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def fit_with_ray(cfg: TrainConfig):
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # each report otherwise blocks ~1.3 s
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}},
-                 **ray_init_options())
+        env = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"} | storage_env()
+        ray.init(runtime_env={"env_vars": env}, **ray_init_options())
     trainer = ray_torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},

@@ -71,3 +71,12 @@ def test_load_bench_quick():
 def test_grounding_bench_quick():
     out = run_bench("grounding.py")
     assert "| off |" in out and "| annotate |" in out and "annotate / off time" in out
+
+
+def test_cluster_bench_quick():
+    import re
+    out = run_bench("cluster.py")
+    assert "| training, 6 steps, 2 workers | two nodes (2 x 1 CPU, STRICT_SPREAD) |" in out
+    assert out.count("every row once") == 2 and "MISSING" not in out  # a lost node loses no row
+    assert re.search(r"^training two nodes / one node tokens/s = \d+\.\d\d$", out, re.M), out[-800:]
+    assert re.search(r"^batch with a node lost / undisturbed rows/s = \d+\.\d\d$", out, re.M), out[-800:]

@@ -1,12 +1,14 @@
 """The cluster path on one machine: a Ray cluster of three nodes (`ray.cluster_utils.Cluster`: a head with no CPUs
-for the drivers, two worker nodes of one CPU each, every node its own raylet and object store) and an S3-compatible
+for the drivers, two worker nodes of 2 CPUs each, every node its own raylet and object store) and an S3-compatible
 bucket (moto's server on 127.0.0.1). The jobs connect the way `ray job submit` runs them on a real cluster
-(RAY_ADDRESS), read and write the bucket through the standard AWS variables, and a worker node is removed while
-they run (its raylet and every process on it killed), then a fresh one added.
+(RAY_ADDRESS) and reach the bucket through the standard AWS variables, which only the drivers have (the nodes
+start without them); a worker node is removed while they run (its raylet and every process on it killed), then a
+fresh one added.
 
 Own module: the cluster is the only Ray on the machine while these tests run."""
 import collections
 import concurrent.futures as cf
+import contextlib
 import json
 import os
 import signal
@@ -25,15 +27,27 @@ from conftest import BUCKET, JSONEXTRACT, ROOT, SNIPS, put, train_adapter
 PORT = 8016
 
 
+@contextlib.contextmanager
+def bare_env():
+    """Nodes start without the bucket's variables, as a real cluster's nodes do (their environment is their own,
+    not the driver's): the jobs must pass them on to the processes they start."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("AWS_")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def cluster():
     """A head (0 CPUs: drivers and their helpers only) and two 2-CPU worker nodes; all stopped after."""
     from ray.cluster_utils import Cluster
 
     # `head`: a custom resource a deployment can ask for to stay on the head (the Serve ingress, in its test)
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"head": 1},
-                                                      "include_dashboard": True, "dashboard_host": "127.0.0.1"})
-    workers = [c.add_node(num_cpus=2) for _ in range(2)]
+    with bare_env():
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "resources": {"head": 1},
+                                                          "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+        workers = [c.add_node(num_cpus=2) for _ in range(2)]
     c.wait_for_nodes()
     try:
         yield c, workers
@@ -62,7 +76,8 @@ def replace_node(c, node) -> object:
     """Remove a worker node abruptly (no graceful drain: its raylet and workers are killed, as when a machine
     dies), then add a fresh 2-CPU node so the job can get its resources back."""
     c.remove_node(node, allow_graceful=False)
-    return c.add_node(num_cpus=2)
+    with bare_env():
+        return c.add_node(num_cpus=2)
 
 
 def test_training_on_two_nodes_from_the_bucket_survives_losing_a_node(cluster, s3, tiny_model, tmp_path):
@@ -163,7 +178,9 @@ def test_serve_from_the_bucket_on_two_nodes_answers_through_losing_a_node(cluste
     train_adapter(tiny_model, tmp_path / "snips", SNIPS, "snips", tmp_path)
     put_folder(tmp_path / "snips", f"s3://{BUCKET}/registry/snips")
     spec = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": PORT},
+            # The bucket's variables reach the replicas on other nodes through the application's runtime_env.
             "applications": [{"name": "jsonextract", "route_prefix": "/", "import_path": "serve.app:build_app",
+                              "runtime_env": {"env_vars": s3["env"]},
                               "args": {"adapters": f"s3://{BUCKET}/registry", "default_adapter": "snips",
                                        "decoding": {"max_new_tokens": 24}},
                               "deployments": [
