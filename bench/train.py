@@ -90,10 +90,11 @@ def breakdown(overrides: list[str], steps: int) -> dict:
     from jsonextract.training.distributed import Worker
     from jsonextract.config.train import TrainConfig
     from jsonextract.training.batches import check_records, micro_batches, tokenize
-    from jsonextract.training.recipe import autocast, train_attention
+    from jsonextract.training.recipe import agree_on_autocast, autocast, train_attention
 
     cfg = C.load(TrainConfig, None, overrides)
-    worker = Worker(0, 1, 0, torch.device("cpu"), False)
+    worker = Worker(0, 1, 0, torch.device("cpu"), False, "here")
+    bf16 = agree_on_autocast(cfg, worker)
     tok = load_tokenizer(cfg.model.name)
     records, _ = check_records(cfg.data.train_file, False, cfg.data.max_train_records)
     train, _ = tokenize(records, PromptBuilder(cfg.prompt, load_schema(DATA / "schema.json")), tok, cfg.model.max_length)
@@ -112,7 +113,7 @@ def breakdown(overrides: list[str], steps: int) -> dict:
         for mb in micro_batches(train, s, cfg, 0, 1):
             b = pad_batch(mb, tok.pad_token_id)
             t0 = time.perf_counter()
-            with autocast(cfg, worker):
+            with autocast(bf16):
                 loss = answer_loss(model, b, fused=cfg.optim.loss == "fused")
             t1 = time.perf_counter()
             loss.backward()

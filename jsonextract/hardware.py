@@ -30,26 +30,28 @@ BF16_MIN_SPEEDUP = 1.5
 @functools.cache
 def bf16_matmul_speedup() -> float:
     """How many times faster than fp32 this CPU multiplies decoding-shaped matrices in bf16 (a 64-row activation
-    by a 576x1536 weight, SmolLM2's MLP; the best of a few, at torch's thread count; once a process; where bf16
-    is emulated, the first timed call is far enough over fp32's to stop there)."""
+    by a 576x1536 weight, SmolLM2's MLP; at torch's thread count; once a process)."""
     # Measured, not read from CPU flags: which kernel a bf16 product gets depends on the CPU, on oneDNN's
     # dispatch and on the environment (ONEDNN_MAX_CPU_ISA can hold an AMX CPU below its bf16 units), and the
-    # flags do not tell the speed.
-    def best(dtype, give_up: float = float("inf")) -> float:
-        a, b = torch.randn(64, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-        a @ b  # oneDNN builds its kernel on the first call
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-            if times[-1] > give_up:  # far too slow to win: oneDNN's reference kernel
-                break
-        return min(times)
+    # flags do not tell the speed. The two dtypes are timed in turn and each keeps its best: a burst of load from
+    # another process slows both alike or is dropped by the minimum, where timing one dtype after the other
+    # could catch the burst in one of them only.
+    a32, b32 = torch.randn(64, 576), torch.randn(576, 1536)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+
+    def timed(a, b) -> float:
+        start = time.perf_counter()
+        a @ b
+        return time.perf_counter() - start
 
     with torch.inference_mode():
-        fp32 = best(torch.float32)
-        return fp32 / best(torch.bfloat16, give_up=20 * fp32)
+        a32 @ b32, a16 @ b16  # oneDNN builds each kernel on its first call
+        fp32, bf16 = float("inf"), float("inf")
+        for _ in range(8):
+            fp32, bf16 = min(fp32, timed(a32, b32)), min(bf16, timed(a16, b16))
+            if bf16 > 20 * fp32:  # emulated bf16 (oneDNN's reference kernel): far too slow to win, stop here
+                break
+    return fp32 / bf16
 
 
 def fast_bf16() -> bool:

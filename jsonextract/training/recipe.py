@@ -96,6 +96,7 @@ class Recipe:
                  f"{len(self.dev)} dev; world size {worker.world} on {worker.device}"
                  + (f", {nodes} nodes" if nodes > 1 else ""))
 
+        self.bf16 = agree_on_autocast(cfg, worker)
         self.model = self._build_model()
         self.params = [p for _, p in trainable(self.model)]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -182,7 +183,7 @@ class Recipe:
             b = {k: v.to(worker.device) for k, v in pad_batch(mb, self.pad_id).items()}
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)
-            with autocast(self.cfg, worker):
+            with autocast(self.bf16):
                 loss = answer_loss(self.model, b, fused=self.cfg.optim.loss == "fused")
             (loss / len(batches)).backward()
             n = float((b["labels"] != -100).sum())
@@ -253,14 +254,19 @@ def train_attention(cfg: TrainConfig, worker: Worker) -> str:
     return choice
 
 
-def autocast(cfg: TrainConfig, worker: Worker):
-    """bf16 autocast for CPU training where bf16 products are measured faster than fp32 (hardware.fast_bf16, the
-    rule inference follows too); elsewhere a no-op, since emulated bf16 is slower than fp32. GPUs use FSDP2's
-    MixedPrecisionPolicy instead."""
+def agree_on_autocast(cfg: TrainConfig, worker: Worker) -> bool:
+    """Whether CPU workers multiply in bf16 under torch.autocast: where bf16 products are measured faster than fp32
+    (hardware.fast_bf16, the rule inference follows too), or as set; elsewhere not, since emulated bf16 is slower
+    than fp32. Every rank probes its own CPU and all take bf16 only if all would: the ranks of one model must
+    compute alike, and the probe of one rank can differ from another's (other CPUs, or load during the probe).
+    GPUs use FSDP2's MixedPrecisionPolicy instead."""
     mode = cfg.parallel.cpu_autocast
-    if worker.device.type != "cpu" or mode == "off" or (mode == "auto" and not hardware.fast_bf16()):
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    mine = worker.device.type == "cpu" and (mode == "bf16" or (mode == "auto" and hardware.fast_bf16()))
+    return all_reduce_sum([float(not mine)], worker)[0] == 0 if worker.world > 1 else mine
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def lr_lambda(cfg: TrainConfig):

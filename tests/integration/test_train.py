@@ -235,7 +235,7 @@ def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tin
     from jsonextract.training.distributed import Worker
     from jsonextract.training.batches import check_records, tokenize
     from jsonextract.hardware import fast_bf16
-    from jsonextract.training.recipe import answer_loss, autocast
+    from jsonextract.training.recipe import agree_on_autocast, answer_loss, autocast
 
     cfg = tiny_cfg(tiny_model, Path("/tmp"), "loss")
     tok = load_tokenizer(str(tiny_model))
@@ -248,11 +248,13 @@ def test_answer_only_logits_give_the_full_loss_and_bf16_autocast_tracks_fp32(tin
     assert float(answer_loss(model, batch)) == pytest.approx(full, rel=1e-5)
     cpu = Worker(0, 1, 0, torch.device("cpu"), False, "here")
     off = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cpu_autocast="off"))
-    with autocast(off, cpu):
+    assert not agree_on_autocast(off, cpu)
+    with autocast(False):
         assert float(answer_loss(model, batch)) == pytest.approx(full, rel=1e-5)
     if not fast_bf16():
         pytest.skip("bf16 products are not faster than fp32 on this CPU: cpu_autocast=auto trains in fp32 here")
-    with autocast(cfg, cpu):
+    assert agree_on_autocast(cfg, cpu)  # auto, on a CPU where bf16 products are measured faster
+    with autocast(True):
         assert float(answer_loss(model, batch)) == pytest.approx(full, rel=2e-2)
 
 
