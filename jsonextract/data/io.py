@@ -6,8 +6,10 @@ so their rows are extracted again is an explicit step of resuming a batch job (`
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -73,7 +75,9 @@ def local_folder(location: str | Path) -> Path:
         fs, path = filesystem(location)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             raise UserError(f"folder not found: {location}")
-        dest = Path(tempfile.mkdtemp(prefix="jsonextract-copy-")) / PurePosixPath(path).name
+        tmp = tempfile.mkdtemp(prefix="jsonextract-copy-")
+        atexit.register(shutil.rmtree, tmp, True)  # kept for the process's life: models load from it lazily
+        dest = Path(tmp) / PurePosixPath(path).name
         dest.mkdir()
         pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         _copies[location] = dest

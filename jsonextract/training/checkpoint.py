@@ -64,24 +64,31 @@ class CheckpointStore:
         self.cfg, self.worker = cfg, worker
         self.local_root = Path(cfg.run.storage_path) / cfg.run.name
 
-    def latest(self) -> Path | None:
+    def latest(self) -> tuple[Path, str] | None:
+        """(a local folder with the latest checkpoint, where it is stored); under Ray the folder is a temporary
+        copy the caller deletes."""
         if self.worker.in_ray:
             ck = ray.train.get_checkpoint()
             if ck is None:
                 return None
-            return Path(ck.to_directory(tempfile.mkdtemp(prefix="resume-")))
+            return Path(ck.to_directory(tempfile.mkdtemp(prefix="resume-"))), ck.path
         cks = local_checkpoints(self.local_root)
-        return cks[-1] if cks else None
+        return (cks[-1], str(cks[-1])) if cks else None
 
     def report(self, metrics: dict, ckpt_dir: Path | None, step: int) -> None:
+        """Hand a checkpoint folder (save_checkpoint's temporary one) to storage, then delete it: a long run writes
+        one per `run.checkpoint_every_steps`, which would otherwise pile up in the temporary directory."""
         if self.worker.in_ray:
             ck = ray.train.Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir is not None else None
-            ray.train.report(metrics, checkpoint=ck)
+            ray.train.report(metrics, checkpoint=ck, delete_local_checkpoint_after_upload=ck is not None)
         elif ckpt_dir is not None:
             dest = self.local_root / f"checkpoint_{step:06d}"
+            if Path(ckpt_dir).resolve() == dest.resolve():  # a finished run handing back its own last checkpoint
+                return
             if dest.exists():
                 shutil.rmtree(dest)
             shutil.copytree(ckpt_dir, dest)
+            shutil.rmtree(ckpt_dir)
             for old in local_checkpoints(self.local_root)[:-self.cfg.run.keep_checkpoints]:
                 shutil.rmtree(old)
 

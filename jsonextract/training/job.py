@@ -77,7 +77,7 @@ def fit_with_ray(cfg: TrainConfig):
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return result.checkpoint.to_directory(), result.metrics
+    return result.checkpoint.to_directory(tempfile.mkdtemp(prefix="final-checkpoint-")), result.metrics
 
 
 def fit_locally(cfg: TrainConfig):
@@ -104,6 +104,8 @@ def main(argv: list[str]) -> int:
     # The adapter is finished in a local folder (calibration writes its manifest), then copied where it belongs.
     local_out = Path(tempfile.mkdtemp(prefix="adapter-")) / "adapter" if is_uri(cfg.run.output_dir) else cfg.run.output_dir
     save_output(ckpt, local_out)
+    if cfg.run.use_ray:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the temporary local copy of the stored final checkpoint
     if cfg.eval.calibration_records and cfg.data.dev_file:
         t1 = time.time()
         cal = calibrate_adapter(str(local_out), cfg.model, cfg.decoding, cfg.data.dev_file,

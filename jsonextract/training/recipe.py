@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -142,18 +143,24 @@ class Recipe:
     # ------------------------------------------------------------------------------------------ resume
 
     def resume(self) -> None:
-        latest = self.store.latest()
-        if latest is None:
+        found = self.store.latest()
+        if found is None:
             return
+        latest, stored = found
         self.fresh = False
-        restore_checkpoint(latest, self.model, self.optimizer, self.scheduler, self.state)
-        self.state.history.append({"event": "resume", "step": self.state.step})
-        self.log(f"resumed from {latest} at step {self.state.step}")
-        if self.state.step >= self.cfg.optim.max_steps:  # finished before: hand back its final checkpoint
-            self.log(f"run already complete at step {self.state.step} (optim.max_steps={self.cfg.optim.max_steps})")
-            main = self.worker.main
-            metrics = json.loads((latest / "manifest.json").read_text()).get("metrics", {}) if main else {}
-            self.store.report(metrics or {"step": self.state.step}, latest if main else None, self.state.step)
+        try:
+            restore_checkpoint(latest, self.model, self.optimizer, self.scheduler, self.state)
+            self.state.history.append({"event": "resume", "step": self.state.step})
+            self.log(f"resumed from {stored} at step {self.state.step}")
+            if self.state.step >= self.cfg.optim.max_steps:  # finished before: hand back its final checkpoint
+                self.log(f"run already complete at step {self.state.step} "
+                         f"(optim.max_steps={self.cfg.optim.max_steps})")
+                main = self.worker.main
+                metrics = json.loads((latest / "manifest.json").read_text()).get("metrics", {}) if main else {}
+                self.store.report(metrics or {"step": self.state.step}, latest if main else None, self.state.step)
+        finally:
+            if self.worker.in_ray:  # a temporary copy of the stored checkpoint
+                shutil.rmtree(latest, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ train
 

@@ -136,7 +136,7 @@ def test_batch_job_on_two_nodes_survives_losing_a_node(cluster, s3, tiny_model, 
     every input id comes out exactly once and the summary accounts for every row."""
     from jsonextract.data.io import read_results, result_files
 
-    c, (_, node_b) = cluster
+    c, (node_a, node_b) = cluster
     lines = (SNIPS / "test.jsonl").read_text().splitlines()
     rows = [json.loads(lines[i % len(lines)]) | {"id": f"row-{i}"} for i in range(1500)]
     put(s3["fs"], "batch/in/a.jsonl", "".join(json.dumps(r) + "\n" for r in rows[:750]).encode())
@@ -148,6 +148,7 @@ def test_batch_job_on_two_nodes_survives_losing_a_node(cluster, s3, tiny_model, 
     log = tmp_path / "extract.log"
     proc = start(cmd, job_env(c, s3), log)
     wait_until(lambda: len(result_files(out)) >= 2, proc, log, "the first result files")
+    assert set(replica_nodes(c, "ExtractActor")) == {node_a.node_id, node_b.node_id}  # one replica per node
     written_before = len(read_results(out, ["id"]))
     replace_node(c, node_b)
     assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
@@ -161,11 +162,16 @@ def test_batch_job_on_two_nodes_survives_losing_a_node(cluster, s3, tiny_model, 
     assert summary["valid"] + sum(summary["errors_by_reason"].values()) == 1500
 
 
-def model_replica_nodes(c) -> list[str]:
+def replica_nodes(c, name: str) -> list[str]:
+    """The node of each live actor whose class name contains `name` (Ray's state API)."""
     from ray.util.state import list_actors
 
     actors = list_actors(address=c.address, filters=[("state", "=", "ALIVE")], limit=1000)
-    return [a.node_id for a in actors if a.class_name.endswith(":Model")]
+    return [a.node_id for a in actors if name in a.class_name]
+
+
+def model_replica_nodes(c) -> list[str]:
+    return replica_nodes(c, "ServeReplica:jsonextract:Model")
 
 
 def test_serve_from_the_bucket_on_two_nodes_answers_through_losing_a_node(cluster, s3, tiny_model, tmp_path):

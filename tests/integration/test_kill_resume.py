@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def kill_when(proc: subprocess.Popen, ready, log: Path, limit_s: float = 600) ->
         pass
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=ENV, capture_output=True,
                    timeout=120)
+
+
+def temporary_folders() -> set[str]:
+    """The training job's temporary checkpoint folders in the temporary directory."""
+    return {p.name for p in Path(tempfile.gettempdir()).iterdir()
+            if p.name.startswith(("ckpt-", "resume-", "final-checkpoint-", "adapter-"))}
 
 
 def test_batch_driver_killed_half_way_then_rerun_outputs_every_row_once(tiny_model, tmp_path):
@@ -73,8 +80,11 @@ def test_training_driver_killed_after_a_checkpoint_then_rerun_resumes(tiny_model
     proc = start(cmd, log)
     kill_when(proc, lambda: any((p / "manifest.json").is_file() for p in storage.glob("killed/checkpoint_*")), log)
 
+    before = temporary_folders()
     second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    # the checkpoints written, the one resumed from and the final one were temporary local copies: none is left
+    assert temporary_folders() <= before, temporary_folders() - before
     manifest = json.loads((tmp_path / "adapter" / "manifest.json").read_text())
     history = json.loads((tmp_path / "adapter" / "history.json").read_text())
     resumed = [h["step"] for h in history if h.get("event") == "resume"]
