@@ -8,7 +8,8 @@ from memory as the model's are. The first pass is a warm-up and is not timed: it
 code generation at each new shape (oneDNN builds a bf16 kernel per shape; one cold 32-row pass of SmolLM2's
 shapes took over a second where a warm one takes milliseconds), which a model running for minutes pays once.
 The rate is the best of the timed passes that fit in `budget_s` (at least one), so a CPU that emulates bf16
-(hundreds of times slower) costs one slow pass, not five.
+(hundreds of times slower) costs two slow passes, not six. A slow first pass alone says nothing: a cold pass can
+take seconds where the warm ones take milliseconds.
 """
 from __future__ import annotations
 
@@ -86,11 +87,12 @@ def pass_seconds(model_dir: str, rows: int, dtype: str = "float32", reps: int = 
         return time.perf_counter() - t0
 
     with torch.inference_mode():
-        warm = one_pass()
-        if warm > budget_s:  # hopeless for this dtype (emulated): the warm-up is the measurement
-            return warm
-        best, start = float("inf"), time.perf_counter()
-        for _ in range(reps):
+        one_pass()  # warm-up: kernels built for each shape
+        start = time.perf_counter()
+        best = one_pass()
+        if best > budget_s:  # slow once warm too (emulated bf16): one pass is measurement enough
+            return best
+        for _ in range(reps - 1):
             best = min(best, one_pass())
             if time.perf_counter() - start > budget_s:
                 break
