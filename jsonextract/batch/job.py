@@ -39,11 +39,11 @@ from jsonextract.models.loading import check_model_name
 from jsonextract.models.manifest import read_manifest
 
 
-def job_schema(cfg: ExtractConfig) -> dict | None:
+def job_schema(cfg: ExtractConfig, manifest: dict | None) -> dict | None:
     if cfg.schema:
         return load_schema(cfg.schema)
-    if cfg.adapter:
-        return read_manifest(local_folder(cfg.adapter)).get("schema")
+    if manifest is not None:
+        return manifest.get("schema")
     raise UserError("no schema: give schema=PATH or an adapter whose manifest has one")
 
 
@@ -179,9 +179,10 @@ def main(argv: list[str]) -> int:
         raise UserError("extract needs input=PATH and output=PATH")
     paths, fs = resolve_inputs(cfg.input)  # first: a mistyped input fails in a second, before any model work
     check_output_apart(cfg.output, paths)
-    schema = job_schema(cfg)
+    manifest = read_manifest(local_folder(cfg.adapter)) if cfg.adapter else None
+    schema = job_schema(cfg, manifest)
     # The base model, checked (and the embedded default built) once here, not by every actor at once.
-    check_model_name(read_manifest(local_folder(cfg.adapter))["base_model"] if cfg.adapter else cfg.model.name)
+    check_model_name(manifest["base_model"] if manifest is not None else cfg.model.name)
     done = already_done(cfg)
     print(f"[extract] {len(paths)} input file(s); {len(done)} ids already in {cfg.output}")
     if not ray.is_initialized():
