@@ -6,7 +6,7 @@ run on the same base, data, batch and steps, plus where one training step's time
   the base's projections, the vocabulary head and loss, dtype casts, optimizer, collectives, the rest), with the
   forward / backward / optimizer split timed by the clock, and the padding share of the positions computed.
 - The jobs (`jsonextract train`, Ray Train, FSDP2 over the NF4 base): the previous job (`PREVIOUS`: plain shuffle,
-  SDPA attention, the model's own logits), the defaults with 2 workers of 1 CPU, and the defaults with 1 worker
+  SDPA attention, the model's own logits, peft's LoRA layers), the defaults with 2 workers of 1 CPU, and the defaults with 1 worker
   of 2 CPUs (unsharded).
 
     .venv/bin/python bench/train.py                 # SmolLM2-135M-Instruct base, 30 steps of 32 per job (~20 min)
@@ -36,7 +36,7 @@ DATA = ROOT / "data" / "snips"
 BASE = "artifacts/base/smollm2-135m-instruct"
 
 # The training job before the throughput work, reachable by settings.
-PREVIOUS = ["data.length_group_steps=0", "parallel.attention=sdpa", "optim.loss=logits"]
+PREVIOUS = ["data.length_group_steps=0", "parallel.attention=sdpa", "optim.loss=logits", "parallel.lora_kernel=peft"]
 
 
 def common(model: str, steps: int, log_every: int, records: int) -> list[str]:
@@ -84,13 +84,13 @@ def breakdown(overrides: list[str], steps: int) -> dict:
     from jsonextract.config import core as C
     from jsonextract.data.records import pad_batch
     from jsonextract.training.loss import answer_loss
-    from jsonextract.models.loading import attach_lora, keep_4bit_layout, load_base, load_tokenizer
+    from jsonextract.models.loading import load_tokenizer
     from jsonextract.data.prompt import PromptBuilder
     from jsonextract.data.schema import load_schema
     from jsonextract.training.distributed import Worker
     from jsonextract.config.train import TrainConfig
     from jsonextract.training.batches import check_records, micro_batches, tokenize
-    from jsonextract.training.recipe import agree_on_autocast, autocast, train_attention
+    from jsonextract.training.recipe import agree_on_autocast, autocast, build_model
 
     cfg = C.load(TrainConfig, None, overrides)
     worker = Worker(0, 1, 0, torch.device("cpu"), False, "here")
@@ -99,10 +99,7 @@ def breakdown(overrides: list[str], steps: int) -> dict:
     records, _ = check_records(cfg.data.train_file, False, cfg.data.max_train_records)
     train, _ = tokenize(records, PromptBuilder(cfg.prompt, load_schema(DATA / "schema.json")), tok, cfg.model.max_length)
     torch.manual_seed(0)
-    base = load_base(cfg.model)
-    base.set_attn_implementation(train_attention(cfg, worker))
-    model = attach_lora(base, cfg.lora)
-    keep_4bit_layout(model)
+    model = build_model(cfg, worker)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr)
     clock: dict[str, float] = defaultdict(float)
@@ -140,7 +137,7 @@ def breakdown(overrides: list[str], steps: int) -> dict:
     scale = sum(clock.values()) / steps / max(sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6, 1e-9)
     parts: dict[str, float] = defaultdict(float)
     for ev in prof.key_averages(group_by_input_shape=True):
-        if ev.key.startswith(("autograd::", "Optimizer.", "ProfilerStep", "MatMul4Bit", "[memory]")):
+        if ev.key.startswith(("autograd::", "Optimizer.", "ProfilerStep", "MatMul4Bit", "LoraLinear4bit", "[memory]")):
             continue  # ranges whose children carry the time
         parts[part_of(ev.key, ev.input_shapes)] += ev.self_cpu_time_total / 1e6 * scale
     # parts: the profiled step's shares of operator time, scaled to the clock's seconds per step
@@ -204,7 +201,7 @@ def main() -> int:
         ov = common(model, steps, log_every, records)
         parts = {name: in_child(ov + extra + [f"optim.batch_size={batch // 2}"], 2 if args.quick else 6)
                  for name, extra in [("previous", PREVIOUS), ("defaults", [])]}
-        rows = {"previous job (plain shuffle, SDPA, model logits), 2 workers x 1 CPU, FSDP2": job(ov + PREVIOUS, 2, batch, tmp, "previous"),
+        rows = {"previous job (plain shuffle, SDPA, model logits, peft layers), 2 workers x 1 CPU, FSDP2": job(ov + PREVIOUS, 2, batch, tmp, "previous"),
                 "defaults, 2 workers x 1 CPU, FSDP2": job(ov, 2, batch, tmp, "defaults-2"),
                 "defaults, 1 worker x 2 CPUs (unsharded)": job(ov, 1, batch, tmp, "defaults-1")}
         roof = roofline(model, parts["defaults"], rows, fast_bf16())  # while a --quick model exists

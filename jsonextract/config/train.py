@@ -44,6 +44,7 @@ class ParallelConfig:
     mixed_precision: bool = True  # FSDP2 MixedPrecisionPolicy with model.dtype params, fp32 reduce (GPU only)
     activation_checkpointing: bool = False  # recompute activations in backward to save memory
     attention: Literal["auto", "sdpa", "eager"] = "auto"  # attention kernel in training: auto = eager on CPU workers (plain matrix products: faster than SDPA's CPU kernel for short sequences, backward included), sdpa on GPUs
+    lora_kernel: Literal["fused", "peft"] = "fused"  # LoRA layers over a 4-bit base in training: fused = one autograd function per projection (dequantised straight into the product's dtype, one input cast, no copy; jsonextract/training/lora_4bit.py), peft = peft's own layers (same values)
     cpu_autocast: Literal["auto", "bf16", "off"] = "auto"  # CPU workers: matmuls in bf16 under torch.autocast, fp32 weights and loss (auto = where the CPU has native bf16)
 
 

@@ -29,7 +29,8 @@ def answer_loss(model, batch: dict, fused: bool = True) -> torch.Tensor:
     keep = (labels != -100).any(0).nonzero().squeeze(1)
     targets = labels[:, keep]
     head = model.get_output_embeddings()
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits_to_keep": keep,
+              "use_cache": False}  # training reads no cache: none is built
     if not (fused and frozen_linear(head)):
         logits = model(**inputs).logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

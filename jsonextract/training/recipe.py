@@ -29,6 +29,7 @@ from jsonextract.config.train import TrainConfig
 from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.records import pad_batch
 from jsonextract.data.schema import load_schema
+from jsonextract.lazy import lazy
 from jsonextract.logs import quiet_train_worker
 from jsonextract.models.loading import attach_lora, keep_4bit_layout, load_base, load_tokenizer
 from jsonextract.models.manifest import write_manifest
@@ -44,6 +45,8 @@ from jsonextract.training.checkpoint import (
 from jsonextract.training.dev_eval import DevDecoder, dev_examples, mean_loss
 from jsonextract.training.distributed import Worker, all_reduce_sum, setup_distributed, shard_fsdp2
 from jsonextract.training.loss import answer_loss
+
+lora_4bit = lazy("jsonextract.training.lora_4bit")  # imports peft and bitsandbytes: only where a model is built
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -122,23 +125,8 @@ class Recipe:
         return everyone
 
     def _build_model(self):
-        cfg = self.cfg
-        torch.manual_seed(cfg.optim.seed)
-        base = load_base(cfg.model, str(self.worker.device))
-        base.set_attn_implementation(train_attention(cfg, self.worker))
-        model = attach_lora(base, cfg.lora)
-        keep_4bit_layout(model)  # dev loss runs this model in eval mode: no in-place repacking (see its note)
-        if cfg.parallel.activation_checkpointing:
-            # Reentrant checkpointing: bitsandbytes 4-bit layers run custom autograd functions whose saved tensors
-            # do not survive non-reentrant recomputation under FSDP; reentrant needs inputs that require grad,
-            # hence enable_input_require_grads.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-            model.enable_input_require_grads()
-        if self.worker.world > 1:
-            # With one rank FSDP shards nothing but still pays DTensor and all-gather bookkeeping on every op
-            # for nothing, so a world of one trains unwrapped.
-            shard_fsdp2(model, cfg, self.worker)
-        return model
+        torch.manual_seed(self.cfg.optim.seed)
+        return build_model(self.cfg, self.worker)
 
     # ------------------------------------------------------------------------------------------ resume
 
@@ -249,6 +237,28 @@ class Recipe:
         dist.barrier()
         if not self.worker.in_ray:
             dist.destroy_process_group()
+
+
+def build_model(cfg: TrainConfig, worker: Worker):
+    """The model a worker trains: the (4-bit) base with the training attention, a fresh LoRA (fused over a 4-bit
+    base unless parallel.lora_kernel=peft), activation checkpointing if asked, FSDP2 when there are several ranks."""
+    base = load_base(cfg.model, str(worker.device))
+    base.set_attn_implementation(train_attention(cfg, worker))
+    model = attach_lora(base, cfg.lora)
+    if cfg.parallel.lora_kernel == "fused":
+        lora_4bit.fuse_lora_4bit(model)
+    keep_4bit_layout(model)  # dev loss runs this model in eval mode: no in-place repacking (see its note)
+    if cfg.parallel.activation_checkpointing:
+        # Reentrant checkpointing: bitsandbytes 4-bit layers run custom autograd functions whose saved tensors
+        # do not survive non-reentrant recomputation under FSDP; reentrant needs inputs that require grad,
+        # hence enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    if worker.world > 1:
+        # With one rank FSDP shards nothing but still pays DTensor and all-gather bookkeeping on every op
+        # for nothing, so a world of one trains unwrapped.
+        shard_fsdp2(model, cfg, worker)
+    return model
 
 
 def train_attention(cfg: TrainConfig, worker: Worker) -> str:
