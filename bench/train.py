@@ -4,10 +4,11 @@ run on the same base, data, batch and steps, plus where one training step's time
 - Where the time goes: one process (no Ray, no FSDP), the job's defaults, a few steps profiled with
   torch.profiler; each operator's own time is put in one part (4-bit dequantisation, LoRA branches, attention,
   the base's projections, the vocabulary head and loss, dtype casts, optimizer, collectives, the rest), with the
-  forward / backward / optimizer split timed by the clock, and the padding share of the positions computed.
+  forward / backward / optimizer split timed by the clock, and the padding share of the positions computed; the
+  previous job's settings, the defaults with peft's own LoRA layers (parallel.lora_kernel=peft), and the defaults.
 - The jobs (`jsonextract train`, Ray Train, FSDP2 over the NF4 base): the previous job (`PREVIOUS`: plain shuffle,
-  SDPA attention, the model's own logits, peft's LoRA layers), the defaults with 2 workers of 1 CPU, and the defaults with 1 worker
-  of 2 CPUs (unsharded).
+  SDPA attention, the model's own logits, peft's LoRA layers), the defaults with 2 workers of 1 CPU, and the
+  defaults with 1 worker of 2 CPUs (unsharded).
 
     .venv/bin/python bench/train.py                 # SmolLM2-135M-Instruct base, 30 steps of 32 per job (~20 min)
     .venv/bin/python bench/train.py --steps 12      # shorter
@@ -200,7 +201,8 @@ def main() -> int:
             model = str(ensure_base(ROOT / BASE))
         ov = common(model, steps, log_every, records)
         parts = {name: in_child(ov + extra + [f"optim.batch_size={batch // 2}"], 2 if args.quick else 6)
-                 for name, extra in [("previous", PREVIOUS), ("defaults", [])]}
+                 for name, extra in [("previous", PREVIOUS), ("peft layers", ["parallel.lora_kernel=peft"]),
+                                     ("defaults", [])]}
         rows = {"previous job (plain shuffle, SDPA, model logits, peft layers), 2 workers x 1 CPU, FSDP2": job(ov + PREVIOUS, 2, batch, tmp, "previous"),
                 "defaults, 2 workers x 1 CPU, FSDP2": job(ov, 2, batch, tmp, "defaults-2"),
                 "defaults, 1 worker x 2 CPUs (unsharded)": job(ov, 1, batch, tmp, "defaults-1")}
@@ -208,14 +210,14 @@ def main() -> int:
     lines = [f"QLoRA (NF4, LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per "
              f"step; bf16 products faster than fp32 here (hardware.fast_bf16): {fast_bf16()}.", "",
              f"## Where a step's time goes (one process, no Ray, {batch // 2} sequences: a worker's share; seconds per step)", "",
-             "| part | previous job's settings | defaults |", "|---|---:|---:|"]
+             "| part | previous job's settings | defaults with peft's LoRA layers | defaults |", "|---|---:|---:|---:|"]
+    cols = [parts["previous"], parts["peft layers"], parts["defaults"]]
     for k in ["forward", "backward", "optimizer"]:
-        lines.append(f"| clock: {k} | {parts['previous']['clock'].get(k, 0):.3f} | {parts['defaults']['clock'].get(k, 0):.3f} |")
+        lines.append(f"| clock: {k} | " + " | ".join(f"{c['clock'].get(k, 0):.3f}" for c in cols) + " |")
     for k in PARTS:
-        lines.append(f"| op time: {k} | {parts['previous']['parts'].get(k, 0):.3f} | {parts['defaults']['parts'].get(k, 0):.3f} |")
-    lines.append(f"| padding share of positions computed | {parts['previous']['pad_share']:.1%} | "
-                 f"{parts['defaults']['pad_share']:.1%} |")
-    lines.append(f"| tokens per second (one process) | {tps(parts['previous']):.0f} | {tps(parts['defaults']):.0f} |")
+        lines.append(f"| op time: {k} | " + " | ".join(f"{c['parts'].get(k, 0):.3f}" for c in cols) + " |")
+    lines.append("| padding share of positions computed | " + " | ".join(f"{c['pad_share']:.1%}" for c in cols) + " |")
+    lines.append("| tokens per second (one process) | " + " | ".join(f"{tps(c):.0f}" for c in cols) + " |")
     lines += ["", f"## The training job ({steps} steps; tokens/s over the steady state)", "",
               "| job | tokens/s | vs previous | last loss | peak RSS MB per worker | wall s |", "|---|---:|---:|---:|---:|---:|"]
     prev = rows[next(iter(rows))]["tokens_per_s"]
