@@ -310,58 +310,80 @@ def test_length_grouped_steps_cover_the_epoch_once_pad_less_and_plain_shuffle_is
     assert firsts != sorted(firsts)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_lora_4bit_layers_give_peft_layers_loss_and_gradients(tiny_model, dropout):
-    """parallel.lora_kernel=fused computes what peft's LoRA layers over the 4-bit base compute: in fp32 the same
-    loss and LoRA gradients (dropout masks included: the same random draws in the same order); under bf16 autocast
-    the same within bf16 rounding. The swapped layers are still peft's type, and a fresh adapter (B = 0) is left
-    alone by neither."""
-    from peft.tuners.lora.bnb import Linear4bit
-
-    from jsonextract.data.records import pad_batch
+def lora_4bit_model(tiny_model: Path, dropout: float, device: str = "cpu", dtype: str = "float32"):
+    """The tiny model, 4-bit, LoRA on its 7 projections with B drawn at random (a trained adapter: the LoRA branch
+    and A's gradient are not zero), and a batch of 12 SNIPS training examples."""
     from jsonextract.data.prompt import PromptBuilder
+    from jsonextract.data.records import pad_batch
     from jsonextract.data.schema import load_schema
     from jsonextract.models.loading import attach_lora, load_base, load_tokenizer
     from jsonextract.training.batches import check_records, tokenize
-    from jsonextract.training.lora_4bit import FusedLoraLinear4bit, fuse_lora_4bit
-    from jsonextract.training.loss import answer_loss
-    from jsonextract.training.recipe import autocast
 
-    cfg = tiny_cfg(tiny_model, Path("/tmp"), "lora4", **{"lora.dropout": dropout,
+    cfg = tiny_cfg(tiny_model, Path("/tmp"), "lora4", **{"lora.dropout": dropout, "model.dtype": dtype,
                    "lora.target_modules": "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"})
     tok = load_tokenizer(str(tiny_model))
     prompt = PromptBuilder(cfg.prompt, load_schema(SNIPS / "schema.json"))
     batch = pad_batch(tokenize(check_records(str(SNIPS / "train.jsonl"), False, 12)[0], prompt, tok, 160)[0],
                       tok.pad_token_id)
     torch.manual_seed(0)
-    model = attach_lora(load_base(cfg.model), cfg.lora)
+    model = attach_lora(load_base(cfg.model, device), cfg.lora)
     for n, p in model.named_parameters():
-        if "lora_B" in n:  # a trained adapter: the LoRA branch and A's gradient are not zero
+        if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return model, {k: v.to(device) for k, v in batch.items()}
 
-    def grads(bf16: bool):
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        with autocast(bf16):
-            loss = answer_loss(model, batch)
-        loss.backward()
-        return float(loss.detach()), {n: p.grad.clone() for n, p in params.items()}
 
-    peft32, peft16 = grads(False), grads(True)
+def loss_and_grads(model, batch, bf16: bool = False):
+    from jsonextract.training.loss import answer_loss
+    from jsonextract.training.recipe import autocast
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # the same dropout masks: the same random draws in the same order
+    with autocast(bf16):
+        loss = answer_loss(model, batch)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def grad_distance(g, ref) -> float:
+    return max(float((g[n] - ref[n]).float().norm() / ref[n].float().norm()) for n in ref)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_4bit_layers_give_peft_layers_loss_and_gradients(tiny_model, dropout):
+    """parallel.lora_kernel=fused computes what peft's LoRA layers over the 4-bit base compute: in fp32 the same
+    loss and LoRA gradients (dropout included); under bf16 autocast the same within bf16 rounding. The swapped
+    layers are still peft's type."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from jsonextract.training.lora_4bit import FusedLoraLinear4bit, fuse_lora_4bit
+
+    model, batch = lora_4bit_model(tiny_model, dropout)
+    peft32, peft16 = loss_and_grads(model, batch), loss_and_grads(model, batch, bf16=True)
     assert fuse_lora_4bit(model) == 7 * len(model.base_model.model.model.layers)
     assert all(isinstance(m, Linear4bit) for m in model.modules() if isinstance(m, FusedLoraLinear4bit))
-    fused32, fused16 = grads(False), grads(True)
+    fused32, fused16 = loss_and_grads(model, batch), loss_and_grads(model, batch, bf16=True)
     assert fused32[0] == pytest.approx(peft32[0], rel=1e-6)
-    for n in params:
+    for n in peft32[1]:
         assert torch.allclose(fused32[1][n], peft32[1][n], rtol=1e-4, atol=1e-7), n
         assert fused32[1][n].abs().sum() > 0, n
     # bf16: both differ from fp32 by bf16 rounding; the fused path by no more than about what peft's does
     assert fused16[0] == pytest.approx(peft32[0], rel=2e-2)
+    assert grad_distance(fused16[1], peft32[1]) < max(3 * grad_distance(peft16[1], peft32[1]), 0.05)
 
-    def dist(g):
-        return max(float((g[n] - peft32[1][n]).norm() / peft32[1][n].norm()) for n in params)
-    assert dist(fused16[1]) < max(3 * dist(peft16[1]), 0.05)
+
+@pytest.mark.gpu
+def test_fused_lora_4bit_layers_on_cuda_give_peft_layers_loss_and_gradients(tiny_model):
+    """The GPU configs' path: bf16 weights on CUDA (no autocast), bitsandbytes' CUDA kernels; fused and peft's
+    layers agree within bf16 rounding."""
+    from jsonextract.training.lora_4bit import fuse_lora_4bit
+
+    model, batch = lora_4bit_model(tiny_model, 0.05, "cuda", "bfloat16")
+    peft = loss_and_grads(model, batch)
+    assert fuse_lora_4bit(model) > 0
+    fused = loss_and_grads(model, batch)
+    assert fused[0] == pytest.approx(peft[0], rel=2e-2)
+    assert grad_distance(fused[1], peft[1]) < 0.1
 
 
 def test_fused_answer_loss_is_the_models_own_loss_with_the_same_gradients(tiny_model):
