@@ -23,8 +23,9 @@ DOC = ROOT / "docs" / "benchmarks.md"
 # bench -> what it measures (one paragraph of docs/benchmarks.md)
 BENCHES = {
     "train": "The training job against the previous job (`data.length_group_steps=0 parallel.attention=sdpa "
-             "optim.loss=logits`), 2 FSDP2 workers of one thread each, and the defaults with one worker of 2 threads; "
-             "where a worker's step goes (clock and profiler), and a roofline line from `jsonextract/hardware.py`'s probe. "
+             "optim.loss=logits parallel.lora_kernel=peft`), 2 FSDP2 workers of one thread each, and the defaults with "
+             "one worker of 2 threads; where a worker's step goes (clock and profiler; the defaults also with peft's "
+             "LoRA layers), and a roofline line from `jsonextract/hardware.py`'s probe. "
              "Last line: `speedup: training job tokens/s vs the previous job on the same machine`.",
     "extract": "The decoding loop against step-by-step `generate()` over the NF4 base + LoRA (the previous path), each "
                "measure added in turn, in one process; then the Ray Data job on both paths. Every row says how many "
