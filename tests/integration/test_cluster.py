@@ -206,7 +206,7 @@ def test_serve_from_the_bucket_on_two_nodes_answers_through_losing_a_node(cluste
             try:
                 return (requests.get(f"{url}/healthz", timeout=5).status_code == 200
                         and len(set(model_replica_nodes(c))) == 2)
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the ingress still starting (a timeout)
                 return False
         wait_until(up, proc, log, "Serve with a Model replica on each node", limit_s=240)
         assert requests.get(f"{url}/adapters", timeout=30).json()["adapters"] == ["snips"]  # listed from the bucket

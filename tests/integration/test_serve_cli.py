@@ -32,7 +32,7 @@ def test_serve_run_config_file(tiny_model, tmp_path):
         while time.time() < deadline and proc.poll() is None:
             try:
                 up = requests.get(f"http://127.0.0.1:{PORT}/healthz", timeout=5).status_code == 200
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or the ingress still starting (a timeout)
                 pass
             if up:
                 break
