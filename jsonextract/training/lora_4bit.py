@@ -21,6 +21,8 @@ import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
+from jsonextract.training.loss import compute_dtype
+
 
 def dequantize(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     """The [out, in] weight of a bitsandbytes 4-bit parameter in `dtype` (double-quantised scales included)."""
@@ -85,11 +87,9 @@ class FusedLoraLinear4bit(PeftLinear4bit):
             return super().forward(x, *args, **kwargs)
         name, base = names[0], self.base_layer
         fix_4bit_weight_quant_state_from_module(base)
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         return LoraLinear4bitFunction.apply(x, self.lora_dropout[name](x), self.lora_A[name].weight,
                                             self.lora_B[name].weight, base.weight, base.weight.quant_state,
-                                            bias, self.scaling[name], dtype)
+                                            bias, self.scaling[name], compute_dtype(x))
 
 
 def fuse_lora_4bit(model: torch.nn.Module) -> int:
