@@ -217,21 +217,28 @@ def leaf_spans(obj: Any, schema: dict | None) -> tuple[str, dict[str, tuple[int,
     return "".join(parts), spans
 
 
-def confidence(raw: str, obj: Any, schema: dict | None, token_ends: list[int], logprobs: list[float]) -> dict:
-    """{path: probability} per leaf: the geometric mean of the probabilities of the tokens that wrote the value,
-    under the constrained (masked, renormalised) distribution. Empty when `raw` is not the canonical form."""
+def value_tokens(raw: str, obj: Any, schema: dict | None, token_ends: list[int]) -> dict[str, list[int]]:
+    """{path: indices of the tokens that overlap the leaf's span in `raw` (for an empty string, the token at its
+    position)}. Empty when `raw` is not the canonical form."""
     text, spans = leaf_spans(obj, schema)
     if text != raw or not token_ends:
         return {}
     out = {}
     for path, (start, end) in spans.items():
-        lps, prev = [], 0
-        for tok_end, lp in zip(token_ends, logprobs):
+        idx, prev = [], 0
+        for i, tok_end in enumerate(token_ends):
             if tok_end > start and prev < max(end, start + 1):
-                lps.append(lp)
+                idx.append(i)
             prev = tok_end
             if prev >= max(end, start + 1):
                 break
-        if lps:
-            out[path] = round(math.exp(sum(lps) / len(lps)), 4)
+        if idx:
+            out[path] = idx
     return out
+
+
+def confidence(raw: str, obj: Any, schema: dict | None, token_ends: list[int], logprobs: list[float]) -> dict:
+    """{path: probability} per leaf: the geometric mean of the probabilities of the tokens that wrote the value,
+    under the constrained (masked, renormalised) distribution. Empty when `raw` is not the canonical form."""
+    return {path: round(math.exp(sum(logprobs[i] for i in idx) / len(idx)), 4)
+            for path, idx in value_tokens(raw, obj, schema, token_ends).items()}

@@ -21,7 +21,7 @@ def tiny_adapter(tiny_model, tmp_path_factory, snips_schema):
     return out
 
 
-def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale():
+def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale(monkeypatch):
     """The zero-shot SmolLM2 base on Restaurant-8k dev: valid outputs, some values right, some wrong. The fitted
     temperature lowers the NLL of the values' rightness; with logits three times as large it is three times as large."""
     from jsonextract.models.base import DEFAULT_DIR, ensure_base
@@ -29,6 +29,7 @@ def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale():
     from jsonextract.models.inference import load_for_inference
     from jsonextract.data.prompt import PromptBuilder
     from jsonextract.data.schema import load_schema
+    from jsonextract.training import temperature
     from jsonextract.training.temperature import Sample, fit_temperature, value_nll, value_samples
     from conftest import ROOT
 
@@ -37,6 +38,14 @@ def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale():
     ex = Extractor(lm.model, lm.tokenizer, PromptBuilder(C.PromptConfig(), load_schema(R8K / "schema.json")),
                    C.DecodingConfig(max_new_tokens=64))
     records = [r for r in read_jsonl(R8K / "dev.jsonl") if r.ok][::20][:32]
+    # Beside each output's choices, the same positions with logits three times as large.
+    tripled, choices = [], temperature.choices
+
+    def and_tripled(rows):
+        tripled.append(choices([(i, z * 3, k) for i, z, k in rows]))
+        return choices(rows)
+
+    monkeypatch.setattr(temperature, "choices", and_tripled)
     samples = value_samples(ex, records)
     rights = [ok for s in samples for ok in s.right.values()]
     assert samples and any(rights) and not all(rights), rights
@@ -44,9 +53,27 @@ def test_the_fit_lowers_the_values_nll_and_follows_the_logit_scale():
     assert entry["values"] == len(rights) and entry["dev_value_nll"] <= entry["dev_value_nll_at_1"]
     t = entry["temperature"]
     assert value_nll(samples, 1 / t)[0] == pytest.approx(entry["dev_value_nll"], rel=1e-3)  # t is rounded
-    sharp = [Sample(s.raw, s.output, s.schema, s.ends, [(i, z * 3, k) for i, z, k in s.choices], s.right)
-             for s in samples]
+    sharp = [Sample(s.raw, s.output, s.schema, s.ends, c, s.right) for s, c in zip(samples, tripled)]
     assert fit_temperature(sharp)["temperature"] == pytest.approx(3 * t, rel=0.1)
+
+
+def test_a_choices_log_probabilities_match_the_masked_softmax_at_every_grid_temperature():
+    """The fit reads a position's log-probability from its binned logits (temperature.Choice); it must equal the
+    softmax over the allowed tokens, for narrow and wide logit ranges, a few or thousands of allowed tokens."""
+    from jsonextract.training.temperature import INVERSE_GRID, Sample, ScoredValues, choices
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i, (scale, allowed) in enumerate([(1.0, 2), (5.0, 40), (20.0, 3000), (60.0, 5000)]):
+        z = torch.randn(6000, generator=gen) * scale
+        z[torch.randperm(6000, generator=gen)[allowed:]] = float("-inf")
+        token = int(torch.nonzero(torch.isfinite(z))[-1])
+        rows.append((i, z, token))
+    sample = Sample('{"a":"x"}', {"a": "x"}, None, [2, 4, 6, 9], choices(rows), {"a": True})
+    values = ScoredValues([sample])
+    for beta in (INVERSE_GRID[0], 1.0, INVERSE_GRID[-1]):
+        want = torch.stack([torch.log_softmax(z.double() * beta, 0)[t] for _, z, t in rows])
+        assert torch.allclose(values.logprobs(beta), want, rtol=1e-6, atol=1e-9), beta
 
 
 def test_calibration_lands_in_the_manifest(tiny_adapter):
