@@ -86,12 +86,6 @@ def run(mode: str, model_dir: str, steps: int, dev_n: int) -> dict:
             "intent": m["groups"]["intent"]["recall"], "slots_f1": m["groups"]["slots"]["f1"], "f1": m["f1"]}
 
 
-def main() -> int:
-    # the run's output also goes to bench/results/<cpu>-adapt.md and docs/benchmarks.md (not in --quick)
-    with results.recorded("adapt", enabled="--quick" not in sys.argv):
-        return measure()
-
-
 def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5 steps, 16 dev records (used by the tests)")
@@ -124,4 +118,4 @@ def measure() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(results.main("adapt", measure))

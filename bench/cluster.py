@@ -32,12 +32,6 @@ SNIPS = ROOT / "data" / "snips"
 JSONEXTRACT = str(Path(sys.executable).with_name("jsonextract"))
 
 
-def main() -> int:
-    # the run's output also goes to bench/results/<cpu>-cluster.md and docs/benchmarks.md (not in --quick)
-    with results.recorded("cluster", enabled="--quick" not in sys.argv):
-        return measure()
-
-
 def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, 6 steps, 300 rows (the tests)")
@@ -143,4 +137,4 @@ def batch_rows_per_s(tmp: Path, model: str, n: int, lose_a_node: bool) -> tuple[
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(results.main("cluster", measure))

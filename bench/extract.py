@@ -310,12 +310,6 @@ def report(name: str, r: dict, model: str) -> tuple[float | None, float]:
     return None, 100 * (d["f1"] - base["f1"])
 
 
-def main() -> int:
-    # the run's output also goes to bench/results/<cpu>-extract.md and docs/benchmarks.md (not in --quick)
-    with results.recorded("extract", enabled="--quick" not in sys.argv):
-        return measure()
-
-
 def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random model, 16 SNIPS records (used by the tests)")
@@ -368,4 +362,4 @@ def measure() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(results.main("extract", measure))

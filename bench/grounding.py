@@ -22,12 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "snips"
 
 
-def main() -> int:
-    # the run's output also goes to bench/results/<cpu>-grounding.md and docs/benchmarks.md (not in --quick)
-    with results.recorded("grounding", enabled="--quick" not in sys.argv):
-        return measure()
-
-
 def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny model, 32 records, 2 reps (the tests)")
@@ -75,4 +69,4 @@ def measure() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(results.main("grounding", measure))

@@ -121,12 +121,6 @@ def kill_model_replica() -> None:
     print(f"[load] killed {len(names)} Model replica(s)", flush=True)
 
 
-def main() -> int:
-    # the run's output also goes to bench/results/<cpu>-load.md and docs/benchmarks.md (not in --quick)
-    with results.recorded("load", enabled="--quick" not in sys.argv):
-        return measure()
-
-
 def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="160 requests per phase at concurrency 32 (the tests)")
@@ -203,4 +197,4 @@ def measure() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(results.main("load", measure))

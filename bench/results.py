@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -110,6 +111,13 @@ def recorded(bench: str, enabled: bool):
     with contextlib.redirect_stdout(Tee()):
         yield
     write(bench, buf.getvalue())
+
+
+def main(bench: str, measure: Callable[[], int]) -> int:
+    """A benchmark's entry point: run `measure`; what it prints also goes to bench/results/<cpu>-<bench>.md and
+    docs/benchmarks.md, except under --quick (the tests' mode)."""
+    with recorded(bench, enabled="--quick" not in sys.argv):
+        return measure()
 
 
 def render() -> str:

@@ -56,12 +56,6 @@ def modes(threads: int) -> list:
              ({}, {"inference_dtype": "float32"}), threads)]
 
 
-def main() -> int:
-    # the run's output also goes to bench/results/<cpu>-serving.md and docs/benchmarks.md (not in --quick)
-    with results.recorded("serving", enabled="--quick" not in sys.argv):
-        return measure()
-
-
 def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few requests per level (used by the tests)")
@@ -135,4 +129,4 @@ def measure() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(results.main("serving", measure))
