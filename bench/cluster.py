@@ -34,11 +34,11 @@ JSONEXTRACT = str(Path(sys.executable).with_name("jsonextract"))
 
 def measure() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny model, 6 steps, 300 rows (the tests)")
+    ap.add_argument("--quick", action="store_true", help="tiny model, 6 steps, 96 rows (the tests)")
     ap.add_argument("--steps", type=int, default=16, help="training steps per arrangement")
     ap.add_argument("--rows", type=int, default=600, help="rows per batch run")
     args = ap.parse_args()
-    steps, rows = (6, 300) if args.quick else (args.steps, args.rows)
+    steps, rows = (6, 96) if args.quick else (args.steps, args.rows)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.quick:

@@ -146,13 +146,19 @@ def breakdown(overrides: list[str], steps: int) -> dict:
             "tokens_per_step": tokens / steps, "pad_share": 1 - tokens / positions, "answer_share": answers / tokens}
 
 
-def in_child(overrides: list[str], steps: int) -> dict:
-    """`breakdown` in a child process: the profiler's records (gigabytes at these sizes) go with it."""
-    r = subprocess.run([sys.executable, __file__, "--_breakdown", json.dumps([overrides, steps])],
-                       capture_output=True, text=True, timeout=3600)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr[-3000:])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def in_children(variants: list[list[str]], steps: int, per_child: int) -> list[dict]:
+    """`breakdown` of each variant in child processes, `per_child` variants to a process: the profiler's records
+    (gigabytes at the full bench's sizes, so one variant per process there) go with the process, and at --quick's
+    sizes one process spares the others their start-up (imports, tokenising, building the model)."""
+    out: list[dict] = []
+    for i in range(0, len(variants), per_child):
+        group = [[v, steps] for v in variants[i:i + per_child]]
+        r = subprocess.run([sys.executable, __file__, "--_breakdown", json.dumps(group)],
+                           capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-3000:])
+        out += json.loads(r.stdout.strip().splitlines()[-1])
+    return out
 
 
 def job(overrides: list[str], workers: int, batch: int, tmp: Path, tag: str) -> dict:
@@ -184,7 +190,7 @@ def main() -> int:
     ap.add_argument("--_breakdown", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._breakdown:  # child process
-        print(json.dumps(breakdown(*json.loads(args._breakdown))))
+        print(json.dumps([breakdown(*variant) for variant in json.loads(args._breakdown)]))
         return 0
     steps, log_every, batch = (6, 2, 8) if args.quick else (args.steps, max(args.steps // 6, 1), 32)
     records = 256 if args.quick else 0  # quick: tokenising all 13,065 records is most of a tiny run
@@ -200,9 +206,10 @@ def main() -> int:
             from jsonextract.models.base import ensure_base
             model = str(ensure_base(ROOT / BASE))
         ov = common(model, steps, log_every, records)
-        parts = {name: in_child(ov + extra + [f"optim.batch_size={batch // 2}"], 2 if args.quick else 6)
-                 for name, extra in [("previous", PREVIOUS), ("peft layers", ["parallel.lora_kernel=peft"]),
-                                     ("defaults", [])]}
+        variants = {"previous": PREVIOUS, "peft layers": ["parallel.lora_kernel=peft"], "defaults": []}
+        measured = in_children([ov + extra + [f"optim.batch_size={batch // 2}"] for extra in variants.values()],
+                               2 if args.quick else 6, per_child=len(variants) if args.quick else 1)
+        parts = dict(zip(variants, measured))
         rows = {"previous job (plain shuffle, SDPA, model logits, peft layers), 2 workers x 1 CPU, FSDP2": job(ov + PREVIOUS, 2, batch, tmp, "previous"),
                 "defaults, 2 workers x 1 CPU, FSDP2": job(ov, 2, batch, tmp, "defaults-2"),
                 "defaults, 1 worker x 2 CPUs (unsharded)": job(ov, 1, batch, tmp, "defaults-1")}

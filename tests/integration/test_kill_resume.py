@@ -74,6 +74,7 @@ def test_training_driver_killed_after_a_checkpoint_then_rerun_resumes(tiny_model
     storage = tmp_path / "runs"
     cmd = [JSONEXTRACT, "train", "--config", "configs/train/tiny_cpu.yaml", f"model.name={tiny_model}",
            "optim.max_steps=12", "run.checkpoint_every_steps=2", "eval.every_steps=0", "eval.decode_samples=0",
+           "eval.calibration_records=0",
            "run.name=killed", f"run.storage_path={storage}", f"run.output_dir={tmp_path / 'adapter'}",
            f"data.cache_dir={tmp_path / 'cache'}", "data.max_train_records=400"]
     log = tmp_path / "first.log"
