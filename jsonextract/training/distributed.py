@@ -68,10 +68,19 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def shard_fsdp2(model, cfg: TrainConfig, worker: Worker) -> None:
-    """fully_shard each decoder layer, then the root: one all-gather per layer in forward and backward."""
+    """fully_shard each decoder layer, then the root: one all-gather per layer in forward and backward.
+
+    The root's frozen parameters (the embedding, which the output head shares, and the final norm) stay whole on
+    every rank instead (`ignored_params`): they never change, so sharding them saves only memory, and it costs an
+    all-gather of the vocabulary-sized embedding into a freshly allocated buffer at every forward and backward.
+    Frozen weights need no gradient reduction, and every rank loads the same base, so the copies agree. Trainable
+    parameters at the root (a LoRA on the output head) are still sharded."""
     kwargs: dict[str, Any] = {}
     if worker.device.type == "cuda" and cfg.parallel.mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for layer in layers:
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    inside = {id(p) for layer in layers for p in layer.parameters()}
+    frozen = {p for p in model.parameters() if not p.requires_grad and id(p) not in inside}
+    fully_shard(model, ignored_params=frozen or None, **kwargs)

@@ -24,7 +24,7 @@ def answer_loss(model, batch: dict, fused: bool = True) -> torch.Tensor:
     """Mean loss on the answer tokens of `batch` (input_ids, attention_mask, labels; right padded).
 
     Both paths go through the model's own forward, so under FSDP2 the root module's hooks run (they all-gather
-    the embedding and head weights); `logits_to_keep` takes one set of positions for the whole batch."""
+    what the root shards: a LoRA on the output head); `logits_to_keep` takes one set of positions for the whole batch."""
     labels = batch["labels"][:, 1:]  # position p predicts token p + 1
     keep = (labels != -100).any(0).nonzero().squeeze(1)
     targets = labels[:, keep]
