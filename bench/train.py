@@ -7,8 +7,9 @@ run on the same base, data, batch and steps, plus where one training step's time
   forward / backward / optimizer split timed by the clock, and the padding share of the positions computed; the
   previous job's settings, the defaults with peft's own LoRA layers (parallel.lora_kernel=peft), and the defaults.
 - The jobs (`jsonextract train`, Ray Train, FSDP2 over the NF4 base): the previous job (`PREVIOUS`: plain shuffle,
-  SDPA attention, the model's own logits, peft's LoRA layers), the defaults with 2 workers of 1 CPU, and the
-  defaults with 1 worker of 2 CPUs (unsharded).
+  SDPA attention, the model's own logits, peft's LoRA layers, the frozen base sharded), the main job's settings
+  (the defaults plus configs/train/snips_cpu.yaml's `parallel` section) with 2 workers of 1 CPU, the same with the
+  frozen base sharded too (not under --quick), and with 1 worker of 2 CPUs (unsharded).
 
     .venv/bin/python bench/train.py                 # SmolLM2-135M-Instruct base, 30 steps of 32 per job (~20 min)
     .venv/bin/python bench/train.py --steps 12      # shorter
@@ -38,6 +39,16 @@ BASE = "artifacts/base/smollm2-135m-instruct"
 
 # The training job before the throughput work, reachable by settings.
 PREVIOUS = ["data.length_group_steps=0", "parallel.attention=sdpa", "optim.loss=logits", "parallel.lora_kernel=peft"]
+JOB = "the main job's settings (configs/train/snips_cpu.yaml), 2 workers x 1 CPU, FSDP2"
+MAIN_CONFIG = ROOT / "configs" / "train" / "snips_cpu.yaml"
+
+
+def main_job_parallel() -> list[str]:
+    """The main job's `parallel` settings, read from its config, so that the job measured is the job users run."""
+    from jsonextract.config import core as C
+    from jsonextract.config.train import TrainConfig
+    p = C.to_dict(C.load(TrainConfig, MAIN_CONFIG).parallel)
+    return [f"parallel.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in p.items()]
 
 
 def common(model: str, steps: int, log_every: int, records: int) -> list[str]:
@@ -161,7 +172,7 @@ def in_children(variants: list[list[str]], steps: int, per_child: int) -> list[d
     return out
 
 
-def job(overrides: list[str], workers: int, batch: int, tmp: Path, tag: str) -> dict:
+def job(overrides: list[str], workers: int, batch: int, tmp: Path, tag: str, short: str) -> dict:
     out = tmp / f"adapter-{tag}"
     # Ray sets OMP_NUM_THREADS to a worker's CPU reservation: the workers get all cores between them.
     cpus = max((os.cpu_count() or 2) // workers, 1)
@@ -178,7 +189,7 @@ def job(overrides: list[str], workers: int, batch: int, tmp: Path, tag: str) -> 
     steady = hist[1:] or hist
     tps = sum(h["tokens_per_s"] * h["interval_s"] for h in steady) / sum(h["interval_s"] for h in steady)
     return {"tokens_per_s": tps, "peak_rss_mb": max(h["peak_rss_mb"] for h in hist), "wall_s": wall,
-            "loss": hist[-1]["loss"]}
+            "loss": hist[-1]["loss"], "short": short}
 
 
 
@@ -210,9 +221,15 @@ def main() -> int:
         measured = in_children([ov + extra + [f"optim.batch_size={batch // 2}"] for extra in variants.values()],
                                2 if args.quick else 6, per_child=len(variants) if args.quick else 1)
         parts = dict(zip(variants, measured))
-        rows = {"previous job (plain shuffle, SDPA, model logits, peft layers), 2 workers x 1 CPU, FSDP2": job(ov + PREVIOUS, 2, batch, tmp, "previous"),
-                "defaults, 2 workers x 1 CPU, FSDP2": job(ov, 2, batch, tmp, "defaults-2"),
-                "defaults, 1 worker x 2 CPUs (unsharded)": job(ov, 1, batch, tmp, "defaults-1")}
+        main_ov = ov + main_job_parallel()
+        rows = {"previous job (plain shuffle, SDPA, model logits, peft layers), 2 workers x 1 CPU, FSDP2":
+                job(ov + PREVIOUS, 2, batch, tmp, "previous", "the previous job"),
+                JOB: job(main_ov, 2, batch, tmp, "main-2", "the main job with 2 workers")}
+        if not args.quick:  # what parallel.shard_frozen=false buys, beside it
+            rows["the same with the frozen base sharded too (parallel.shard_frozen=true)"] = job(
+                main_ov + ["parallel.shard_frozen=true"], 2, batch, tmp, "main-2-sharded", "with the base sharded")
+        rows["the main job's settings, 1 worker x 2 CPUs (unsharded)"] = job(main_ov, 1, batch, tmp, "main-1",
+                                                                              "with 1 worker")
         roof = roofline(model, parts["defaults"], rows, fast_bf16())  # while a --quick model exists
     lines = [f"QLoRA (NF4, LoRA r=16 on 7 projections) on {Path(model).name}, SNIPS train, {batch} sequences per "
              f"step; bf16 products faster than fp32 here (hardware.fast_bf16): {fast_bf16()}.", "",
@@ -232,7 +249,7 @@ def main() -> int:
         lines.append(f"| {name} | {m['tokens_per_s']:.0f} | {m['tokens_per_s'] / prev:.2f}x | {m['loss']:.4f} | "
                      f"{m['peak_rss_mb']:.0f} | {m['wall_s']:.0f} |")
     lines += ["", roof]
-    speedup = rows["defaults, 2 workers x 1 CPU, FSDP2"]["tokens_per_s"] / prev
+    speedup = rows[JOB]["tokens_per_s"] / prev
     lines += ["", f"speedup: training job tokens/s vs the previous job on the same machine = {speedup:.2f}x"]
     text = "\n".join(lines)
     print(text)
@@ -254,8 +271,7 @@ def roofline(model: str, defaults: dict, rows: dict, bf16: bool) -> str:
     dtype = "bfloat16" if bf16 else "float32"
     rate = gflops(model, 512, dtype)
     bound = rate * 1e9 / flops
-    short = ("the previous job", "the defaults with 2 workers", "the defaults with 1 worker")
-    shares = ", ".join(f"{label} {m['tokens_per_s'] / bound:.0%}" for label, m in zip(short, rows.values()))
+    shares = ", ".join(f"{m['short']} {m['tokens_per_s'] / bound:.0%}" for m in rows.values())
     return (f"roofline: {flops / 1e9:.3f} GFLOP of matrix products per training token (answer tokens "
             f"{defaults['answer_share']:.0%} of all); the probe's 512-row pass in {dtype} runs at {rate:.0f} GFLOP/s "
             f"on this machine, a bound of {bound:.0f} tokens/s. Jobs at: {shares}.")

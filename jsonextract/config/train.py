@@ -46,6 +46,7 @@ class ParallelConfig:
     attention: Literal["auto", "sdpa", "eager"] = "auto"  # attention kernel in training: auto = eager on CPU workers (plain matrix products: faster than SDPA's CPU kernel for short sequences, backward included), sdpa on GPUs
     lora_kernel: Literal["fused", "peft"] = "fused"  # LoRA layers over a 4-bit base in training: fused = one autograd function per projection (dequantised straight into the product's dtype, one input cast, no copy; jsonextract/training/lora_4bit.py), peft = peft's own layers (same values)
     cpu_autocast: Literal["auto", "bf16", "off"] = "auto"  # CPU workers: matmuls in bf16 under torch.autocast, fp32 weights and loss (auto = where the CPU has native bf16)
+    shard_frozen: bool = True  # FSDP2 shards the decoder layers' frozen base weights too, one unit per layer (each rank holds 1/N of the base: what lets a base too big for one device train); False = every rank keeps the whole frozen base and FSDP2 wraps the root alone: the LoRA weights, their gradients and optimizer state are sharded, all-gathered once per forward
 
 
 @dataclass(frozen=True)

@@ -68,17 +68,26 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def shard_fsdp2(model, cfg: TrainConfig, worker: Worker) -> None:
-    """fully_shard each decoder layer, then the root: one all-gather per layer in forward and backward.
+    """FSDP2 over the model: each decoder layer its own unit, then the root (one all-gather per layer in forward
+    and in backward), or, with parallel.shard_frozen=false, the root alone over the trainable weights.
 
-    The root's frozen parameters (the embedding, which the output head shares, and the final norm) stay whole on
-    every rank instead (`ignored_params`): they never change, so sharding them saves only memory, and it costs an
-    all-gather of the vocabulary-sized embedding into a freshly allocated buffer at every forward and backward.
-    Frozen weights need no gradient reduction, and every rank loads the same base, so the copies agree. Trainable
-    parameters at the root (a LoRA on the output head) are still sharded."""
+    Frozen weights need no gradient reduction and every rank loads the same base, so a rank may keep its own
+    whole copy (`ignored_params`) and the copies agree. The root's frozen parameters (the embedding, which the
+    output head shares, and the final norm) are always kept whole: sharding them saves little memory, and it costs
+    an all-gather of the vocabulary-sized embedding into a freshly allocated buffer at every forward and backward.
+    Trainable parameters at the root (a LoRA on the output head) are sharded.
+
+    parallel.shard_frozen=false keeps the layers' frozen 4-bit weights whole too. What is left to shard is the LoRA
+    weights, a few MB, so units per layer would buy no memory and cost a collective per layer and pass, each a
+    point where one rank waits for the other: the root alone all-gathers them once per forward (the root stays
+    gathered for its backward) and reduce-scatters their gradients once per step."""
     kwargs: dict[str, Any] = {}
     if worker.device.type == "cuda" and cfg.parallel.mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
     layers = decoder_layers(model)
+    if not cfg.parallel.shard_frozen:
+        fully_shard(model, ignored_params={p for p in model.parameters() if not p.requires_grad} or None, **kwargs)
+        return
     for layer in layers:
         fully_shard(layer, **kwargs)
     inside = {id(p) for layer in layers for p in layer.parameters()}

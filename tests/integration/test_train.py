@@ -171,6 +171,17 @@ def test_in_run_evaluation_does_not_change_training(ray_session, tiny_model, tmp
     assert _losses(with_eval) == pytest.approx(_losses(without), rel=1e-6, abs=1e-6)
 
 
+def test_whole_frozen_base_on_every_rank_trains_as_the_sharded_one(ray_session, tiny_model, tmp_path):
+    """parallel.shard_frozen=false (every rank keeps the whole frozen 4-bit base; FSDP2 wraps the root alone and
+    shards only the LoRA weights, the output head's included) trains the same model as the default, where the
+    frozen base is sharded too, layer by layer: the same step losses."""
+    common = {"optim.max_steps": 4, "run.checkpoint_every_steps": 0, "eval.decode_samples": 0}
+    sharded, _ = run_fit(tiny_cfg(tiny_model, tmp_path, "sharded", **common))
+    whole, _ = run_fit(tiny_cfg(tiny_model, tmp_path, "whole", **common, **{"parallel.shard_frozen": "false"}))
+    assert len(_losses(whole)) == 4
+    assert _losses(whole) == pytest.approx(_losses(sharded), rel=1e-5, abs=1e-6)
+
+
 def test_reported_dev_loss_equals_the_written_adapters(ray_session, tiny_model, tmp_path):
     """The dev loss the 2-worker FSDP2 job reports is the dev loss of the adapter it wrote, computed again in one
     process on the same dev examples."""
