@@ -84,10 +84,10 @@ def shard_fsdp2(model, cfg: TrainConfig, worker: Worker) -> None:
     kwargs: dict[str, Any] = {}
     if worker.device.type == "cuda" and cfg.parallel.mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
-    layers = decoder_layers(model)
     if not cfg.parallel.shard_frozen:
         fully_shard(model, ignored_params={p for p in model.parameters() if not p.requires_grad} or None, **kwargs)
         return
+    layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, **kwargs)
     inside = {id(p) for layer in layers for p in layer.parameters()}
