@@ -270,8 +270,10 @@ alive = lambda: [n for n in ray.nodes() if n["Alive"]]
 before = len(alive())
 node = ray.get(ray.remote(num_gpus=1)(lambda: ray.get_runtime_context().get_node_id()).remote(), timeout=240)
 status = subprocess.run([sys.executable.replace("python", "ray"), "status"], capture_output=True, text=True).stdout
-print(json.dumps({"before": before, "after": len(alive()), "task_node": node,
-                  "gpus": {n["NodeID"]: n["Resources"].get("GPU", 0) for n in alive()}, "status": status}))
+seen = {"before": before, "after": len(alive()), "task_node": node,
+        "gpus": {n["NodeID"]: n["Resources"].get("GPU", 0) for n in alive()}, "status": status}
+with open(sys.argv[1], "w") as f:  # not stdout, where the driver also prints the autoscaler's events
+    json.dump(seen, f)
 """
 
 
@@ -304,9 +306,11 @@ def test_cluster_yaml_worker_type_scales_up_from_zero_when_a_job_asks(tmp_path):
     subprocess.run([ray_cli, "start", "--head", "--port=6379", f"--autoscaling-config={path}", "--num-cpus=0",
                     "--include-dashboard=false"], env=env, check=True, capture_output=True, timeout=120)
     try:
-        r = subprocess.run([sys.executable, "-c", WHERE], env=env, capture_output=True, text=True, timeout=300)
+        result = tmp_path / "seen.json"
+        r = subprocess.run([sys.executable, "-c", WHERE, str(result)], env=env, capture_output=True, text=True,
+                           timeout=300)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-        seen = json.loads(r.stdout.strip().splitlines()[-1])
+        seen = json.loads(result.read_text())
         assert seen["before"] == 1 and seen["after"] == 2, seen  # the head alone, then one node launched
         assert seen["gpus"][seen["task_node"]] >= 1  # the task ran on the launched GPU node
         gpu_types = [n for n, t in spec["available_node_types"].items() if t["resources"].get("GPU")]
