@@ -14,9 +14,10 @@ class ExtractRequest(BaseModel):
     schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="JSON Schema (default: the adapter's)")
     adapter: Optional[str] = Field(None, description="adapter name from GET /adapters (default: the deployment's)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="generation budget for this request")
-    grounding: Optional[Literal["off", "annotate", "drop_ungrounded"]] = Field(
+    grounding: Optional[Literal["off", "annotate", "drop_ungrounded", "snap"]] = Field(
         None, description="locate each value in the text (annotate), and also remove free-text values not found "
-                          "there (drop_ungrounded); default: the deployment's decoding.grounding")
+                          "there (drop_ungrounded), or first replace a value not copied from the text by the "
+                          "nearest span of whole words (snap); default: the deployment's decoding.grounding")
 
     model_config = {"populate_by_name": True}
 
@@ -37,7 +38,9 @@ class ExtractResponse(BaseModel):
                           '{"match": "label"} for enum/number/boolean values, or null: not found in the text')
     confidence: Optional[dict[str, float]] = Field(
         None, description="per value path: geometric-mean probability of the tokens that wrote it (constrained)")
-    dropped: Optional[list[str]] = Field(None, description="paths removed by grounding=drop_ungrounded")
+    dropped: Optional[list[str]] = Field(None, description="paths removed by grounding=drop_ungrounded or snap")
+    snapped: Optional[dict[str, str]] = Field(
+        None, description="grounding=snap: per path replaced by a span of the text, the value the model wrote")
 
 class ErrorResponse(BaseModel):
     detail: Any = Field(..., description="why the request was refused")

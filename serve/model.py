@@ -159,6 +159,6 @@ class Model:
                 else:
                     out[i] = {"output": r.output, "valid": r.valid, "error": r.error, "raw": r.raw, "adapter": name,
                               "input_truncated": r.input_truncated, "grounding": r.grounding,
-                              "confidence": r.confidence, "dropped": r.dropped,
+                              "confidence": r.confidence, "dropped": r.dropped, "snapped": r.snapped,
                               "usage": {"input_tokens": r.input_tokens, "output_tokens": r.output_tokens}}
         return out  # type: ignore[return-value]

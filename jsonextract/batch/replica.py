@@ -58,7 +58,8 @@ def merge_chunks(objs: list[dict]) -> dict:
     return out
 
 
-NO_ANNOTATION = {"grounding": None, "confidence": None, "confidence_uncalibrated": None, "dropped": None}  # rows without an output
+NO_ANNOTATION = {"grounding": None, "confidence": None, "confidence_uncalibrated": None, "dropped": None,
+                 "snapped": None}  # rows without an output
 
 
 def error_row(error: str) -> dict:
@@ -187,7 +188,7 @@ class ExtractActor:
         apply_grounding(res, text, schema, self.cfg.decoding.grounding)
         row = res.to_row()
         return base | {k: row[k] for k in ("output", "valid", "error", "grounding", "confidence",
-                                            "confidence_uncalibrated", "dropped")}
+                                            "confidence_uncalibrated", "dropped", "snapped")}
 
 
 # ---------------------------------------------------------------------------------------------- output side

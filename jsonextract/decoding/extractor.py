@@ -30,7 +30,7 @@ from jsonextract.data.schema import (
 )
 from jsonextract.decoding.generated import DecodeStats
 from jsonextract.decoding.grammar import Drafter
-from jsonextract.decoding.grounding import confidence, drop_ungrounded, ground
+from jsonextract.decoding.grounding import confidence, drop_ungrounded, ground, snap, spans_of_whole_words
 from jsonextract.decoding.kv_cache import PrefixCache
 from jsonextract.decoding.loop import greedy_generate
 from jsonextract.decoding.reference import reference_generate
@@ -55,7 +55,8 @@ class Result:
     grounding: dict | None = None  # {path: {"start", "end", "match"} | {"match": "label"} | None} (grounding.py)
     confidence: dict | None = None  # {path: probability of the tokens that wrote the value} (calibrated)
     confidence_uncalibrated: dict | None = None  # the same at temperature 1, where a calibration temperature is set
-    dropped: list | None = None  # paths removed by grounding=drop_ungrounded
+    dropped: list | None = None  # paths removed by grounding=drop_ungrounded or snap
+    snapped: dict | None = None  # {path: the value the model wrote} for each value grounding=snap replaced
     tokens: list[int] | None = None  # the output's token ids, eos included (not in the output row)
 
     @property
@@ -69,7 +70,7 @@ class Result:
                 "error": self.error, "input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "input_truncated": self.input_truncated, "grounding": js(self.grounding),
                 "confidence": js(self.confidence), "confidence_uncalibrated": js(self.confidence_uncalibrated),
-                "dropped": js(self.dropped)}
+                "dropped": js(self.dropped), "snapped": js(self.snapped)}
 
 
 @dataclass
@@ -217,20 +218,26 @@ class Extractor:
 
 
 def apply_grounding(res: Result, text: str, schema: dict | None, policy: str) -> None:
-    """Add grounding to a valid result, and under drop_ungrounded remove the free-text values not in the text."""
+    """Add grounding to a valid result; under drop_ungrounded remove the free-text values not in the text; under
+    snap first replace the values not copied from it by its nearest span, then remove those with none."""
     if policy == "off":
         res.confidence = res.confidence_uncalibrated = None
         return
     res.grounding = ground(res.output, text, schema)
-    if policy == "drop_ungrounded":
-        res.output, res.dropped, _ = drop_ungrounded(res.output, res.grounding, schema)
+    if policy == "snap":
+        res.output, res.snapped = snap(res.output, res.grounding, text, schema)
+        if res.snapped:
+            res.grounding = ground(res.output, text, schema)
+    if policy in ("drop_ungrounded", "snap"):
+        keep = res.grounding if policy == "drop_ungrounded" else spans_of_whole_words(res.grounding, text)
+        res.output, res.dropped, _ = drop_ungrounded(res.output, keep, schema)
         if res.dropped:
             res.grounding = ground(res.output, text, schema)  # list elements after a removed one moved up
             shifted = tuple(p.rsplit("[", 1)[0] + "[" for p in res.dropped if p.endswith("]"))
-            keep = lambda p: p not in res.dropped and not p.startswith(shifted or ("\0",))  # noqa: E731
-            res.confidence = {p: c for p, c in (res.confidence or {}).items() if keep(p)}
+            kept = lambda p: p not in res.dropped and not p.startswith(shifted or ("\0",))  # noqa: E731
+            res.confidence = {p: c for p, c in (res.confidence or {}).items() if kept(p)}
             if res.confidence_uncalibrated is not None:
-                res.confidence_uncalibrated = {p: c for p, c in res.confidence_uncalibrated.items() if keep(p)}
+                res.confidence_uncalibrated = {p: c for p, c in res.confidence_uncalibrated.items() if kept(p)}
 
 
 def extract_in_batches(extractor: Extractor, texts: list[str], batch_size: int,

@@ -2,9 +2,15 @@
 
 Grounding: every string leaf of an output (list elements included) is looked up in the source text: exactly
 first, then ignoring case, whitespace and punctuation, then by a bounded fuzzy match (rapidfuzz's partial-ratio
-alignment); when a value occurs more than once the occurrence nearest the previous field's span wins. Offsets
+alignment); when a value occurs more than once, an occurrence of whole words wins over a piece of a word, then
+the occurrence nearest the previous field's span. Offsets
 are Python `str` indices into the original text (`text[start:end]` is the matched text). Enum and const values,
 numbers and booleans are labels chosen from the schema, not spans of the text: they are marked "label".
+
+Snapping (the `snap` policy, for schemas whose free-text values are spans of the text): a value the model did not
+copy exactly (found only by the fuzzy match, or not at all) is replaced by the span of the text most like it, whole
+words only; a value with no span close enough is dropped, as under `drop_ungrounded`. A small model copies names
+and titles with letters changed ("Ovenn" for "Owen"); the value it meant is almost always the nearest span.
 
 Paths are the flattened paths the metrics use (`slots.artist`), with list elements indexed (`slots.x[0]`).
 """
@@ -13,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import unicodedata
 from typing import Any, Iterator, Literal
 
@@ -22,7 +29,12 @@ from jsonextract.data.schema import validation_error
 
 FUZZY_MIN_SCORE = 85.0  # rapidfuzz partial_ratio (0-100) a fuzzy match needs
 FUZZY_MIN_CHARS = 4  # shorter values match too many places by chance: exact or normalised only
-Policy = Literal["off", "annotate", "drop_ungrounded"]
+# rapidfuzz ratio (0-100) between a value and the span that replaces it under `snap`: the best on both SNIPS and
+# Restaurant-8k dev of 50-80 (docs/experiments.md, "Snapping values to the text")
+SNAP_MIN_SCORE = 60.0
+Policy = Literal["off", "annotate", "drop_ungrounded", "snap"]
+_WORD = re.compile(r"\S+")
+_EDGE_PUNCT = re.compile(r"\W*(.*?)\W*$", re.S)  # match() anchors the start; $ is endpos
 
 
 def leaves(obj: Any, schema: dict | None, root: dict | None = None, prefix: str = "") -> Iterator[tuple]:
@@ -104,21 +116,33 @@ def _occurrences(haystack: str, needle: str) -> list[int]:
     return out
 
 
+def _at_word_edges(text: str, start: int, end: int) -> bool:
+    """Whether text[start:end] neither starts nor ends inside a word."""
+    return not ((0 < start < len(text) and text[start - 1].isalnum() and text[start].isalnum())
+                or (0 < end < len(text) and text[end - 1].isalnum() and text[end].isalnum()))
+
+
+def _nearest(spans: list[tuple[int, int]], text: str, anchor: int) -> tuple[int, int]:
+    """The occurrence to report: whole words before a piece of a word ("Au" the name, not the start of
+    "August"), then the one nearest `anchor`."""
+    return min(spans, key=lambda s: (not _at_word_edges(text, *s), abs(s[0] - anchor)))
+
+
 def locate(value: str, text: str, norm: NormalizedText, anchor: int) -> dict | None:
-    """{"start", "end", "match"} of `value` in `text` (the occurrence nearest `anchor`), or None."""
+    """{"start", "end", "match"} of `value` in `text` (whole words first, then the occurrence nearest
+    `anchor`), or None."""
     if not value.strip():
         return None
     hits = _occurrences(text, value)
     if hits:
-        start = min(hits, key=lambda s: abs(s - anchor))
-        return {"start": start, "end": start + len(value), "match": "exact"}
+        start, end = _nearest([(h, h + len(value)) for h in hits], text, anchor)
+        return {"start": start, "end": end, "match": "exact"}
     needle = normalize(value)
     if not needle:
         return None
     hits = _occurrences(norm.text, needle)
     if hits:
-        spans = [norm.span(h, h + len(needle)) for h in hits]
-        start, end = min(spans, key=lambda s: abs(s[0] - anchor))
+        start, end = _nearest([norm.span(h, h + len(needle)) for h in hits], text, anchor)
         return {"start": start, "end": end, "match": "normalized"}
     if len(needle) >= FUZZY_MIN_CHARS and norm.text:
         al = fuzz.partial_ratio_alignment(needle, norm.text, score_cutoff=FUZZY_MIN_SCORE)
@@ -144,6 +168,62 @@ def ground(output: Any, text: str, schema: dict | None) -> dict[str, dict | None
         if span is not None:
             anchor = span["end"]
     return out
+
+
+def nearest_span(value: str, text: str) -> tuple[float, int, int] | None:
+    """(score, start, end) of the span of `text` most like `value`: runs of whole words, as many as the value has
+    words or one more or fewer, punctuation at their edges trimmed, scored by rapidfuzz's ratio of the normalised
+    strings; None when the text has no words. Ties go to the first span."""
+    needle = normalize(value)
+    if not needle:
+        return None
+    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+    k = len(value.split())
+    best: tuple[float, int, int] | None = None
+    for n in range(max(1, k - 1), k + 2):
+        for i in range(len(words) - n + 1):
+            start, end = words[i][0], words[i + n - 1][1]
+            m = _EDGE_PUNCT.match(text, start, end)
+            start, end = m.start(1), m.end(1)
+            if end <= start:
+                continue
+            score = fuzz.ratio(needle, normalize(text[start:end]))
+            if best is None or score > best[0]:
+                best = (score, start, end)
+    return best
+
+
+def snap(output: dict, grounding: dict, text: str, schema: dict | None) -> tuple[dict, dict[str, str]]:
+    """(output with each free-text value that is not a span of whole words of the text replaced by its
+    `nearest_span` scoring at least SNAP_MIN_SCORE, {path: the value replaced}). Not whole words: `grounding`
+    found it only fuzzily, not at all, or inside a word ("u" in "Au"). A replacement the schema would reject (a
+    pattern, a length) is not made. The values left unreplaced are for the caller to drop."""
+    out = copy.deepcopy(output)
+    snapped: dict[str, str] = {}
+    for path, value, is_label, parent, key in leaves(out, schema):
+        found = grounding.get(path)
+        if is_label or not isinstance(value, str) or (found is not None and _whole_words(found, text)):
+            continue
+        near = nearest_span(value, text)
+        if near is None or near[0] < SNAP_MIN_SCORE:
+            continue
+        parent[key] = text[near[1]:near[2]]
+        if schema is not None and validation_error(out, schema) is not None:
+            parent[key] = value
+            continue
+        snapped[path] = value
+    return out, snapped
+
+
+def _whole_words(found: dict, text: str) -> bool:
+    """Whether a located span is an exact or normalised match that starts and ends at word boundaries."""
+    return found.get("match") in ("exact", "normalized") and _at_word_edges(text, found["start"], found["end"])
+
+
+def spans_of_whole_words(grounding: dict, text: str) -> dict:
+    """`grounding` with every free-text value that is not a span of whole words marked not found (None)."""
+    return {p: g if g is None or g.get("match") == "label" or _whole_words(g, text) else None
+            for p, g in grounding.items()}
 
 
 def drop_ungrounded(output: dict, grounding: dict, schema: dict | None) -> tuple[dict, list[str], list[str]]:

@@ -1,6 +1,6 @@
 """Single-process extraction, no Ray: read JSONL, extract, write JSONL rows like the batch job's.
 
-    jsonextract predict --model DIR [--adapter DIR] --data FILE.jsonl --out preds.jsonl [--limit N]
+    jsonextract predict --model DIR [--adapter DIR] --data FILE.jsonl --out preds.jsonl [--limit N] [--grounding snap]
 
 For debugging on one machine and as the benchmarks' baseline. The batch job (`jsonextract extract`) is the one to
 run over corpora.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import typing
 from pathlib import Path
 
 from jsonextract.config import core as C
@@ -17,6 +18,7 @@ from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.records import read_jsonl
 from jsonextract.data.schema import load_schema
 from jsonextract.decoding.extractor import Extractor, extract_in_batches
+from jsonextract.decoding.grounding import Policy
 from jsonextract.models.inference import load_for_inference
 from jsonextract.models.loading import resolve_device
 from jsonextract.models.manifest import temperature_of
@@ -32,11 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="only the first N records")
     ap.add_argument("--max-new-tokens", type=int, default=C.DecodingConfig().max_new_tokens)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a CUDA GPU if there is one")
+    ap.add_argument("--grounding", choices=typing.get_args(Policy), default=C.DecodingConfig().grounding,
+                    help="grounding policy (decoding.grounding; docs/decoding.md)")
     args = ap.parse_args(argv)
     lm = load_for_inference(C.ModelConfig(name=args.model), args.adapter, resolve_device(args.device))
     schema = load_schema(args.schema) if args.schema else lm.schema or load_schema(Path(args.data).with_name("schema.json"))
     ex = Extractor(lm.model, lm.tokenizer, PromptBuilder(lm.prompt, schema),
-                   C.DecodingConfig(max_new_tokens=args.max_new_tokens), temperature=temperature_of(lm.manifest))
+                   C.DecodingConfig(max_new_tokens=args.max_new_tokens, grounding=args.grounding),
+                   temperature=temperature_of(lm.manifest))
     records = list(read_jsonl(args.data))
     records = records[: args.limit] if args.limit else records
     good = [r for r in records if r.ok]

@@ -44,7 +44,10 @@ def grounding_metrics(pairs: Iterable[tuple[dict, Any]]) -> dict[str, Any] | Non
     scored: list[tuple[float, bool]] = []  # (confidence, correct) per value
     scored_t1: list[tuple[float, bool]] = []  # the same at temperature 1, where the adapter has a temperature
     seen = False
+    n_snapped = n_dropped = 0  # by the run's own policy (decoding.grounding=snap or drop_ungrounded)
     for row, gold in pairs:
+        n_snapped += len(json_value(row.get("snapped")) or {})
+        n_dropped += len(json_value(row.get("dropped")) or [])
         g_items = flatten(gold) if gold is not None else set()
         out = json_value(row.get("output")) if row.get("valid") else None
         grounding = json_value(row.get("grounding")) or {}
@@ -79,6 +82,8 @@ def grounding_metrics(pairs: Iterable[tuple[dict, Any]]) -> dict[str, Any] | Non
             calibration_table(scored_t1)
     return before | {
         "free_text_values": n_free,
+        "snapped": n_snapped,
+        "dropped": n_dropped,
         "grounded_share": (grounded.tp + grounded.fp) / n_free if n_free else None,
         "precision_grounded": grounded.prf()["precision"] if grounded.tp + grounded.fp else None,
         "precision_ungrounded": ungrounded.prf()["precision"] if ungrounded.tp + ungrounded.fp else None,
@@ -113,10 +118,11 @@ def format_grounding(m: dict[str, Any]) -> str:
              f"grounded share         {f(m['grounded_share'])}",
              f"precision grounded     {f(m['precision_grounded'])}",
              f"precision ungrounded   {f(m['precision_ungrounded'])}",
-             "policy            P      R      F1"]
-    for policy in ("annotate", "drop_ungrounded"):
+             f"snapped, dropped       {m.get('snapped', 0)}, {m.get('dropped', 0)} (by the run's policy)",
+             "outputs                   P      R      F1"]
+    for policy, label in (("annotate", "as extracted"), ("drop_ungrounded", "values not found removed")):
         p = m[policy]
-        lines.append(f"{policy:<16}{p['precision']:>6.3f} {p['recall']:>6.3f} {p['f1']:>6.3f}")
+        lines.append(f"{label:<24}{p['precision']:>6.3f} {p['recall']:>6.3f} {p['f1']:>6.3f}")
     lines.append("confidence bucket   n   mean conf  accuracy")
     for b in m["calibration"]:
         lines.append(f"{b['bucket']:<16}{b['n']:>6}   {f(b['mean_confidence']):>8}  {f(b['accuracy']):>8}")

@@ -99,7 +99,8 @@ def _examples(pred_rows: list[dict], gold: dict[str, Any], texts: dict[str, str]
 
 
 def grounding_section(m: dict, out_dir: Path) -> list[str]:
-    """Grounding share, precision of grounded vs ungrounded values, annotate vs drop_ungrounded, calibration."""
+    """Grounding share, precision of grounded vs ungrounded values, what the run's policy changed, the outputs as
+    extracted vs with the values not found removed, calibration."""
     matplotlib.use("Agg")
 
     def f(x):
@@ -108,12 +109,15 @@ def grounding_section(m: dict, out_dir: Path) -> list[str]:
              f"{m['free_text_values']} free-text values predicted; {f(m['grounded_share'])} of them found in the "
              f"text. Precision of values found: {f(m['precision_grounded'])}; not found: "
              f"{f(m['precision_ungrounded'])}.\n",
-             "| policy | precision | recall | F1 |", "|---|---:|---:|---:|"]
-    for policy in ("annotate", "drop_ungrounded"):
+             *([f"The run's grounding policy replaced {m['snapped']} values the model did not copy from the "
+                f"text by the nearest span of it and removed {m['dropped']} (counted above as they are after "
+                "that).\n"] if m.get("snapped") or m.get("dropped") else []),
+             "| outputs | precision | recall | F1 |", "|---|---:|---:|---:|"]
+    for policy, label in (("annotate", "as extracted"), ("drop_ungrounded", "values not found removed")):
         p = m[policy]
-        parts.append(f"| {policy} | {p['precision']:.3f} | {p['recall']:.3f} | {p['f1']:.3f} |")
-    parts += ["", "(drop_ungrounded here: the same outputs with the values not found in the text removed.)\n",
-              ]
+        parts.append(f"| {label} | {p['precision']:.3f} | {p['recall']:.3f} | {p['f1']:.3f} |")
+    parts += ["", "(values not found removed: what `decoding.grounding=drop_ungrounded` would give on top of these "
+              "outputs.)\n"]
     before = m.get("calibration_uncalibrated")
     if before:  # the adapter has a fitted temperature: the same values' confidence before it, and after
         parts += ["Confidence before and after the adapter's temperature (fitted on dev, "

@@ -50,6 +50,11 @@ def render(rows: list[dict], texts: dict[str, str]) -> str:
                  if r.get("valid") else f"<div class='err'>{html.escape(str(r.get('error')))}</div>")
         if flagged:
             right += "<div class='ungrounded'>not in the text: " + ", ".join(html.escape(p) for p in flagged) + "</div>"
+        snapped = json_value(r.get("snapped"), {})
+        if snapped:
+            right += "<div>snapped to the text: " + ", ".join(
+                f"{html.escape(p)} (the model wrote {html.escape(json.dumps(v, ensure_ascii=False))})"
+                for p, v in snapped.items()) + "</div>"
         dropped = json_value(r.get("dropped"), [])
         if dropped:
             right += "<div class='ungrounded'>dropped: " + ", ".join(html.escape(p) for p in dropped) + "</div>"

@@ -2,7 +2,7 @@
 the real decoder with a model output made to disagree with its text."""
 import pytest
 
-from jsonextract.decoding.grounding import drop_ungrounded, ground, leaf_spans
+from jsonextract.decoding.grounding import drop_ungrounded, ground, leaf_spans, nearest_span, snap
 from jsonextract.data.schema import validation_error
 
 SCHEMA = {"type": "object", "properties": {
@@ -52,6 +52,49 @@ def test_drop_ungrounded_keeps_the_output_schema_valid():
     assert validation_error(new, schema) is None and out["b"] == "yyy"  # the input is not changed
 
 
+def test_snap_replaces_values_not_copied_from_the_text_by_the_nearest_whole_words():
+    schema = {"type": "object", "properties": {
+        "first": {"type": "string"}, "last": {"type": "string"}, "title": {"type": "string"},
+        "when": {"type": "string"}, "mode": {"type": "string", "enum": ["cancel", "book"]},
+        "code": {"type": "string", "pattern": "^[a-z]+$"}}}
+    text = "Cancel the table for Owen Au, the Parables for Wooden Ears party."
+    out = {"first": "Ovenn", "last": "U", "title": "Pables for Wooden Ears", "when": "this year", "mode": "cancel",
+           "code": "table"}
+    g = ground(out, text, schema)
+    assert g["first"] is None and g["last"]["match"] == "normalized" and g["title"]["match"] == "fuzzy"
+    new, snapped = snap(out, g, text, schema)
+    # misspelt, inside a word ("U" of "Au"), cut short by the fuzzy match: each becomes whole words of the text
+    assert new["first"] == "Owen" and new["last"] == "Au" and new["title"] == "Parables for Wooden Ears"
+    assert snapped == {"first": "Ovenn", "last": "U", "title": "Pables for Wooden Ears"}
+    assert new["when"] == "this year"  # nothing close: left for the caller to drop
+    assert new["mode"] == "cancel" and new["code"] == "table"  # labels, and values already copied, stay
+    assert out["first"] == "Ovenn"  # the input is not changed
+    assert nearest_span("Wooden Ears.", text)[1:] == (text.index("Wooden"), text.index(" party"))
+    assert nearest_span("x", "  ...  ") is None
+
+
+def test_snap_makes_no_replacement_the_schema_rejects():
+    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]+$"}}}
+    out = {"name": "ovenn"}
+    new, snapped = snap(out, ground(out, "for Owen please", schema), "for Owen please", schema)
+    assert new == out and snapped == {}
+
+
+def test_snap_policy_on_a_result_drops_what_it_cannot_snap_and_keeps_confidence_aligned():
+    from jsonextract.decoding.extractor import Result, apply_grounding
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "string"},
+                                               "c": {"type": "string"}}}
+    text = "Book it for Kimberley Babat."
+    res = Result({"a": "Kimmerley", "b": "Babat", "c": "tomorrow"}, True, None,
+                 confidence={"a": 0.5, "b": 0.9, "c": 0.4})
+    apply_grounding(res, text, schema, "snap")
+    assert res.output == {"a": "Kimberley", "b": "Babat"} and res.snapped == {"a": "Kimmerley"}
+    assert res.dropped == ["c"] and res.confidence == {"a": 0.5, "b": 0.9}
+    assert {p: text[g["start"]:g["end"]] for p, g in res.grounding.items()} == res.output
+    row = res.to_row()
+    assert row["snapped"] == '{"a": "Kimmerley"}' and row["dropped"] == '["c"]'
+
+
 def test_leaf_spans_are_the_canonical_json():
     text, s = leaf_spans({"a": "x\"y", "b": [1, None, "é"], "c": {"d": True}}, None)
     assert text == '{"a":"x\\"y","b":[1,null,"é"],"c":{"d":true}}'
@@ -59,7 +102,7 @@ def test_leaf_spans_are_the_canonical_json():
     assert "b[1]" not in s
 
 
-@pytest.mark.parametrize("policy", ["annotate", "drop_ungrounded"])
+@pytest.mark.parametrize("policy", ["annotate", "drop_ungrounded", "snap"])
 def test_decoder_output_that_disagrees_with_the_text_is_flagged(tiny_model, policy):
     """Patterns make the untrained model write "paris" (in the text) and "tokyo" (not in it). The grammar keeps the
     schema's key order: with the optional "to" last, the untrained model writes it."""
@@ -85,6 +128,7 @@ def test_decoder_output_that_disagrees_with_the_text_is_flagged(tiny_model, poli
     else:
         assert "to" not in res.output and res.dropped == ["to"] and "to" not in res.confidence
         assert validation_error(res.output, schema) is None
+        assert not res.snapped  # "paris" is the text's word; "tokyo" is like none of them
     row = res.to_row()
     assert row["grounding"] and row["confidence"]  # batch rows carry them as JSON columns
 
@@ -102,16 +146,20 @@ def test_grounding_metrics_from_result_rows():
           "confidence": json.dumps({"intent": 0.99, "slots.artist": 0.9, "slots.album": 0.3})},
          {"intent": "PlayMusic", "slots": {"artist": "Miles"}}),
         ({"valid": False, "output": None, "grounding": None, "confidence": None}, {"intent": "AddToPlaylist"}),
+        ({"valid": True, "output": json.dumps({"intent": "PlayMusic"}), "grounding": json.dumps(
+            {"intent": {"match": "label"}}), "confidence": json.dumps({"intent": 0.99}), "snapped": None,
+          "dropped": json.dumps(["slots.album"])}, {"intent": "PlayMusic"}),
     ]
     m = grounding_metrics(rows)
+    assert m["snapped"] == 0 and m["dropped"] == 1  # what the run's own policy did
     assert m["free_text_values"] == 2 and m["grounded_share"] == 0.5
     assert m["precision_grounded"] == 1.0 and m["precision_ungrounded"] == 0.0
-    assert m["annotate"]["precision"] == 2 / 3 and m["drop_ungrounded"]["precision"] == 1.0
-    assert m["annotate"]["recall"] == m["drop_ungrounded"]["recall"] == 2 / 3  # the wrong album cost no recall
+    assert m["annotate"]["precision"] == 3 / 4 and m["drop_ungrounded"]["precision"] == 1.0
+    assert m["annotate"]["recall"] == m["drop_ungrounded"]["recall"] == 3 / 4  # the wrong album cost no recall
     by_bucket = {b["bucket"]: b for b in m["calibration"]}
     assert by_bucket["[0.00, 0.50)"]["n"] == 1 and by_bucket["[0.00, 0.50)"]["accuracy"] == 0.0
     assert by_bucket["[0.95, 1.00]"]["accuracy"] == 1.0
-    assert abs(m["expected_calibration_error"] - (0.3 + 0.1 + 0.01) / 3) < 1e-9
+    assert abs(m["expected_calibration_error"] - (0.3 + 0.1 + 0.01 + 0.01) / 4) < 1e-9
     assert grounding_metrics([({"valid": True, "output": "{}", "grounding": None}, {})]) is None
 
 
