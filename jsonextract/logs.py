@@ -35,6 +35,12 @@ VERBOSE = "JSONEXTRACT_VERBOSE"
 QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 
+def clock(seconds: float) -> str:
+    """`M:SS` for a progress line's ETA; rounded to whole seconds first, so 59.7 s reads 1:00, not 0:60."""
+    minutes, secs = divmod(round(max(seconds, 0.0)), 60)
+    return f"{minutes}:{secs:02d}"
+
+
 def verbose() -> bool:
     return os.environ.get(VERBOSE, "") not in ("", "0")
 

@@ -34,7 +34,7 @@ from jsonextract.data.schema import load_schema
 from jsonextract.errors import UserError
 from jsonextract.evaluation.metrics import score_results
 from jsonextract.evaluation.score import format_table
-from jsonextract.logs import quiet_ray_data, ray_init_options
+from jsonextract.logs import clock, quiet_ray_data, ray_init_options
 from jsonextract.models.loading import check_model_name
 from jsonextract.models.manifest import read_manifest
 
@@ -156,7 +156,7 @@ class ProgressLine:
             rate = done / elapsed
             eta = (self.total - done) / rate if rate > 0 and done < self.total else 0
             print(f"[extract] {done}/{self.total} rows ({done / max(self.total, 1):.0%}), {rate:.1f} rows/s, "
-                  f"ETA {eta // 60:.0f}:{eta % 60:02.0f}", flush=True)
+                  f"ETA {clock(eta)}", flush=True)
 
 
 def write(ds, cfg: ExtractConfig) -> None:

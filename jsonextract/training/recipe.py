@@ -30,7 +30,7 @@ from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.records import pad_batch
 from jsonextract.data.schema import load_schema
 from jsonextract.lazy import lazy
-from jsonextract.logs import quiet_train_worker
+from jsonextract.logs import clock, quiet_train_worker
 from jsonextract.models.loading import attach_lora, keep_4bit_layout, load_base, load_tokenizer
 from jsonextract.models.manifest import write_manifest
 from jsonextract.training.batches import check_records, load_tokenized, micro_batches, schema_path
@@ -203,7 +203,7 @@ class Recipe:
         self.state.history.append(entry)
         eta = (self.cfg.optim.max_steps - self.state.step) * seconds / max(steps, 1)  # training steps only
         self.log(f"step {self.state.step}/{self.cfg.optim.max_steps} loss {loss:.4f} lr {entry['lr']:.2e} "
-                 f"tokens/s {tps:.0f} ETA {eta // 60:.0f}:{eta % 60:02.0f}")
+                 f"tokens/s {tps:.0f} ETA {clock(eta)}")
 
     # ------------------------------------------------------------------------------------------ evaluate, save
 

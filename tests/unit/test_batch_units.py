@@ -103,3 +103,9 @@ def test_replica_device_follows_the_gpus_it_was_given():
     else:
         with pytest.raises(UserError, match=r"pool.gpus_per_actor=0.5.*no CUDA GPU"):
             replica_device(0.5)
+
+
+def test_progress_eta_reads_as_minutes_and_whole_seconds():
+    from jsonextract.logs import clock
+    assert clock(2939.7) == "49:00"  # was printed "48:60"
+    assert clock(59.5) == "1:00" and clock(0) == "0:00" and clock(61.2) == "1:01" and clock(-3) == "0:00"
