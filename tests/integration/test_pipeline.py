@@ -40,6 +40,10 @@ def test_quick_pipeline_learns_and_reports(tmp_path):
     assert metrics["n"] == 40 and zero_shot["n"] == 40 and tuned["n"] == 40
     assert metrics["schema_valid_rate"] >= 0.9
     assert tuned["f1"] >= zero_shot["f1"] + 0.10, (tuned["f1"], zero_shot["f1"])
+    # the quick config extracts with grounding=snap, as the main jobs do: every free-text value left is in the
+    # text (snapped to it or removed), and the counts of what the policy changed reach the metrics
+    grounding = metrics["grounding"]
+    assert grounding["grounded_share"] in (1.0, None) and grounding["snapped"] >= 0 and grounding["dropped"] >= 0
     report = (run / "report.md").read_text()
     assert "## Test metrics" in report and "loss.png" in report and "**Wrong**" in report
     assert "## Zero-shot base vs fine-tuned" in report
