@@ -8,7 +8,7 @@ are Python `str` indices into the original text (`text[start:end]` is the matche
 numbers and booleans are labels chosen from the schema, not spans of the text: they are marked "label".
 
 Snapping (the `snap` policy, for schemas whose free-text values are spans of the text): a value the model did not
-copy exactly (found only by the fuzzy match, or not at all) is replaced by the span of the text most like it, whole
+copy as whole words (found only by the fuzzy match, not at all, or inside a word) is replaced by the span of the text most like it, whole
 words only; a value with no span close enough is dropped, as under `drop_ungrounded`. A small model copies names
 and titles with letters changed ("Ovenn" for "Owen"); the value it meant is almost always the nearest span.
 
@@ -23,7 +23,7 @@ import re
 import unicodedata
 from typing import Any, Iterator, Literal
 
-from rapidfuzz import fuzz
+from rapidfuzz import fuzz, process
 
 from jsonextract.data.schema import validation_error
 
@@ -170,26 +170,45 @@ def ground(output: Any, text: str, schema: dict | None) -> dict[str, dict | None
     return out
 
 
-def nearest_span(value: str, text: str) -> tuple[float, int, int] | None:
+class WordRuns:
+    """The runs of n whole words of a text, punctuation at their edges trimmed: their spans and normalised strings,
+    built once per n and shared by every value snapped into the same text (a long text has many)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+        self._runs: dict[int, tuple[list[tuple[int, int]], list[str]]] = {}
+
+    def runs(self, n: int) -> tuple[list[tuple[int, int]], list[str]]:
+        if n not in self._runs:
+            spans, strings = [], []
+            for i in range(len(self.words) - n + 1):
+                m = _EDGE_PUNCT.match(self.text, self.words[i][0], self.words[i + n - 1][1])
+                if m.end(1) > m.start(1):
+                    spans.append((m.start(1), m.end(1)))
+                    strings.append(normalize(m.group(1)))
+            self._runs[n] = spans, strings
+        return self._runs[n]
+
+
+def nearest_span(value: str, text: str | WordRuns) -> tuple[float, int, int] | None:
     """(score, start, end) of the span of `text` most like `value`: runs of whole words, as many as the value has
     words or one more or fewer, punctuation at their edges trimmed, scored by rapidfuzz's ratio of the normalised
-    strings; None when the text has no words. Ties go to the first span."""
+    strings; None when the text has no words. Ties go to the fewest words, then the first span."""
+    runs = text if isinstance(text, WordRuns) else WordRuns(text)
     needle = normalize(value)
     if not needle:
         return None
-    words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
     k = len(value.split())
     best: tuple[float, int, int] | None = None
     for n in range(max(1, k - 1), k + 2):
-        for i in range(len(words) - n + 1):
-            start, end = words[i][0], words[i + n - 1][1]
-            m = _EDGE_PUNCT.match(text, start, end)
-            start, end = m.start(1), m.end(1)
-            if end <= start:
-                continue
-            score = fuzz.ratio(needle, normalize(text[start:end]))
-            if best is None or score > best[0]:
-                best = (score, start, end)
+        spans, strings = runs.runs(n)
+        if not strings:
+            continue
+        scores = process.cdist([needle], strings, scorer=fuzz.ratio)[0]
+        i = int(scores.argmax())  # the first of the best
+        if best is None or scores[i] > best[0]:
+            best = (float(scores[i]), *spans[i])
     return best
 
 
@@ -200,11 +219,12 @@ def snap(output: dict, grounding: dict, text: str, schema: dict | None) -> tuple
     pattern, a length) is not made. The values left unreplaced are for the caller to drop."""
     out = copy.deepcopy(output)
     snapped: dict[str, str] = {}
+    runs = WordRuns(text)
     for path, value, is_label, parent, key in leaves(out, schema):
         found = grounding.get(path)
         if is_label or not isinstance(value, str) or (found is not None and _whole_words(found, text)):
             continue
-        near = nearest_span(value, text)
+        near = nearest_span(value, runs)
         if near is None or near[0] < SNAP_MIN_SCORE:
             continue
         parent[key] = text[near[1]:near[2]]
