@@ -1,6 +1,6 @@
 """Benchmark results files, and docs/benchmarks.md made from them.
 
-Each benchmark run outside --quick writes what it printed to `bench/results/<cpu>-<bench>.md`, headed by the
+Each benchmark run outside --quick writes what it printed to `bench/results/<cpu>-<isa>-<bench>.md`, headed by the
 command, the commit and the CPU, and regenerates docs/benchmarks.md, so a new figure needs no hand edit of prose.
 
     .venv/bin/python bench/results.py        # regenerate docs/benchmarks.md from the files in bench/results/
@@ -66,6 +66,14 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def cpu_kind() -> str:
+    """The results file's CPU part: the model name and the widest of the flags above. Machines of one vendor's
+    name differ in what their kernels can use (an AMD EPYC Zen 3 has AVX2 only, a Zen 5 AVX512-BF16), and their
+    figures must not overwrite each other."""
+    flags = cpu_flags().split(", ")
+    return slug(f"{cpu_name()} {flags[-1] if flags[-1] else 'flags unknown'}")
+
+
 def commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -78,13 +86,13 @@ def commit() -> str:
 
 
 def write(bench: str, text: str, argv: list[str] | None = None) -> Path:
-    """Write a run's output to bench/results/<cpu>-<bench>.md and regenerate docs/benchmarks.md."""
+    """Write a run's output to bench/results/<cpu>-<isa>-<bench>.md and regenerate docs/benchmarks.md."""
     argv = sys.argv[1:] if argv is None else argv
     head = [f"# bench/{bench}.py on {cpu_name()} ({os.cpu_count()} CPUs; {cpu_flags() or 'flags unknown'})", "",
             f"`.venv/bin/python bench/{bench}.py {' '.join(argv)}` at commit {commit()}, "
             f"{datetime.date.today().isoformat()}.", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{slug(cpu_name())}-{bench}.md"
+    out = RESULTS / f"{cpu_kind()}-{bench}.md"
     out.write_text("\n".join(head) + "\n" + text.strip() + "\n")
     render()
     print(f"\nwritten to {out.relative_to(ROOT)} and {DOC.relative_to(ROOT)}", file=sys.stderr)
@@ -114,7 +122,7 @@ def recorded(bench: str, enabled: bool):
 
 
 def main(bench: str, measure: Callable[[], int]) -> int:
-    """A benchmark's entry point: run `measure`; what it prints also goes to bench/results/<cpu>-<bench>.md and
+    """A benchmark's entry point: run `measure`; what it prints also goes to bench/results/<cpu>-<isa>-<bench>.md and
     docs/benchmarks.md, except under --quick (the tests' mode)."""
     with recorded(bench, enabled="--quick" not in sys.argv):
         return measure()

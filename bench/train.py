@@ -16,7 +16,7 @@ run on the same base, data, batch and steps, plus where one training step's time
     .venv/bin/python bench/train.py --quick         # tiny random model, a few steps (what the tests run)
 
 tokens/s counts every non-pad token processed over the steady state (the first logged interval, which includes
-start-up, is left out). The table goes to stdout and to bench/results/<cpu>-train.md. The last line is
+start-up, is left out). The table goes to stdout and to bench/results/<cpu>-<isa>-train.md. The last line is
 `speedup: training job tokens/s vs the previous job on the same machine = X.XXx`.
 """
 from __future__ import annotations
