@@ -1,9 +1,11 @@
 """The HTTP API's request and response bodies (pydantic), as OpenAPI documents them at /docs."""
 # No `from __future__ import annotations` in the modules FastAPI reads: under @serve.ingress a string annotation
 # of a request model was not resolved, and FastAPI took the chat body for a required query parameter.
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, Field
+
+from jsonextract.config.core import GroundingPolicy
 
 
 class ExtractRequest(BaseModel):
@@ -14,7 +16,7 @@ class ExtractRequest(BaseModel):
     schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="JSON Schema (default: the adapter's)")
     adapter: Optional[str] = Field(None, description="adapter name from GET /adapters (default: the deployment's)")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="generation budget for this request")
-    grounding: Optional[Literal["off", "annotate", "drop_ungrounded", "snap"]] = Field(
+    grounding: Optional[GroundingPolicy] = Field(
         None, description="locate each value in the text (annotate), and also remove free-text values not found "
                           "there (drop_ungrounded), or first replace a value not copied from the text by the "
                           "nearest span of whole words (snap); default: the deployment's decoding.grounding")

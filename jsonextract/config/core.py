@@ -66,13 +66,18 @@ class PromptConfig:
     instruction: str = "Extract the information in the text as JSON."  # task instruction shown to the model
 
 
+# What grounding does with each value (jsonextract/decoding/grounding.py); declared here, the lowest layer that
+# names it, so the config, the Serve request model and `predict --grounding` read one list.
+GroundingPolicy = Literal["off", "annotate", "drop_ungrounded", "snap"]
+
+
 @dataclass(frozen=True)
 class DecodingConfig:
     max_new_tokens: int = 128  # generation budget; hitting it before the JSON closes is a `truncated` error
     constrained: bool = True  # grammar-masked decoding (xgrammar) so outputs follow the schema
     max_string_length: int = 64  # maxLength added to schema strings that have none (unbounded strings never stop)
     max_array_items: int = 8  # maxItems added to schema arrays that have none
-    grounding: Literal["off", "annotate", "drop_ungrounded", "snap"] = "annotate"  # locate each value in the text; drop_ungrounded also removes free-text values not found there; snap (for schemas whose values are spans of the text) replaces a value not copied from the text by the nearest span of whole words, and removes it where none is close
+    grounding: GroundingPolicy = "annotate"  # locate each value in the text; drop_ungrounded also removes free-text values not found there; snap (for schemas whose values are spans of the text) replaces a value not copied from the text by the nearest span of whole words, and removes it where none is close
     engine: Literal["loop", "generate"] = "loop"  # loop: this project's decoding loop (jump-forward, prefix cache); generate: transformers' generate(), one pass per token (for models whose cache the loop does not handle)
     jump_forward: bool = True  # feed the tokens the grammar forces (keys, quotes, braces) in one forward pass and keep those the model agrees with: the same output in fewer passes
     prefix_cache: bool = True  # compute the prompt start all rows share (chat template, instruction, schema) once and reuse it

@@ -21,10 +21,11 @@ import json
 import math
 import re
 import unicodedata
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 from rapidfuzz import fuzz, process
 
+from jsonextract.config.core import GroundingPolicy as Policy  # noqa: F401 (the policies, for callers of this module)
 from jsonextract.data.schema import validation_error
 
 FUZZY_MIN_SCORE = 85.0  # rapidfuzz partial_ratio (0-100) a fuzzy match needs
@@ -32,7 +33,6 @@ FUZZY_MIN_CHARS = 4  # shorter values match too many places by chance: exact or 
 # rapidfuzz ratio (0-100) between a value and the span that replaces it under `snap`: the best on both SNIPS and
 # Restaurant-8k dev of 50-80 (docs/experiments.md, "Snapping values to the text")
 SNAP_MIN_SCORE = 60.0
-Policy = Literal["off", "annotate", "drop_ungrounded", "snap"]
 _WORD = re.compile(r"\S+")
 _EDGE_PUNCT = re.compile(r"\W*(.*?)\W*$", re.S)  # match() anchors the start; $ is endpos
 

@@ -78,6 +78,7 @@ def test_request_schema_and_batch_route(app):
     ({"text": "x", "schema": {"type": "object", "not": {"required": ["a"]}}}, 400, "unsupported"),
     ({"text": "x", "max_new_tokens": 100000}, 400, "limit"),
     ({"text": "x", "max_new_tokens": 0}, 422, "greater"),
+    ({"text": "x", "grounding": "nearest"}, 422, "'drop_ungrounded' or 'snap'"),  # names the policies it takes
 ])
 def test_bad_input_gets_4xx_with_reason(app, body, status, reason):
     r = post("/extract", body)
