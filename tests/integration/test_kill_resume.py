@@ -84,7 +84,7 @@ def registered_checkpoint(run: Path) -> bool:
 def test_training_driver_killed_after_a_checkpoint_then_rerun_resumes(tiny_model, tmp_path):
     storage = tmp_path / "runs"
     cmd = [JSONEXTRACT, "train", "--config", "configs/train/tiny_cpu.yaml", f"model.name={tiny_model}",
-           "optim.max_steps=40", "run.checkpoint_every_steps=2", "eval.every_steps=0", "eval.decode_samples=0",
+           "optim.max_steps=16", "run.checkpoint_every_steps=2", "eval.every_steps=0", "eval.decode_samples=0",
            "eval.calibration_records=0",
            "run.name=killed", f"run.storage_path={storage}", f"run.output_dir={tmp_path / 'adapter'}",
            f"data.cache_dir={tmp_path / 'cache'}", "data.max_train_records=400"]
@@ -100,6 +100,6 @@ def test_training_driver_killed_after_a_checkpoint_then_rerun_resumes(tiny_model
     manifest = json.loads((tmp_path / "adapter" / "manifest.json").read_text())
     history = json.loads((tmp_path / "adapter" / "history.json").read_text())
     resumed = [h["step"] for h in history if h.get("event") == "resume"]
-    assert manifest["step"] == 40 and len(resumed) == 1 and 2 <= resumed[0] < 40, (resumed, second.stdout[-2000:])
+    assert manifest["step"] == 16 and len(resumed) == 1 and 2 <= resumed[0] < 16, (resumed, second.stdout[-2000:])
     steps = [h["step"] for h in history if "loss" in h]
-    assert steps[-1] == 40 and len(set(steps)) == len(steps)  # no step trained twice after the resume
+    assert steps[-1] == 16 and len(set(steps)) == len(steps)  # no step trained twice after the resume
