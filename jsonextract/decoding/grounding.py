@@ -25,7 +25,6 @@ from typing import Any, Iterator
 
 from rapidfuzz import fuzz, process
 
-from jsonextract.config.core import GroundingPolicy as Policy  # noqa: F401 (the policies, for callers of this module)
 from jsonextract.data.schema import validation_error
 
 FUZZY_MIN_SCORE = 85.0  # rapidfuzz partial_ratio (0-100) a fuzzy match needs

@@ -18,7 +18,6 @@ from jsonextract.data.prompt import PromptBuilder
 from jsonextract.data.records import read_jsonl
 from jsonextract.data.schema import load_schema
 from jsonextract.decoding.extractor import Extractor, extract_in_batches
-from jsonextract.decoding.grounding import Policy
 from jsonextract.models.inference import load_for_inference
 from jsonextract.models.loading import resolve_device
 from jsonextract.models.manifest import temperature_of
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="only the first N records")
     ap.add_argument("--max-new-tokens", type=int, default=C.DecodingConfig().max_new_tokens)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: a CUDA GPU if there is one")
-    ap.add_argument("--grounding", choices=typing.get_args(Policy), default=C.DecodingConfig().grounding,
+    ap.add_argument("--grounding", choices=typing.get_args(C.GroundingPolicy), default=C.DecodingConfig().grounding,
                     help="grounding policy (decoding.grounding; docs/decoding.md)")
     args = ap.parse_args(argv)
     lm = load_for_inference(C.ModelConfig(name=args.model), args.adapter, resolve_device(args.device))
