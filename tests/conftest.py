@@ -1,10 +1,12 @@
 """Shared fixtures: the real data sets, a tiny model built once per session, and one local Ray per session."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -88,6 +90,21 @@ def train_adapter(base, out, data, name, tmp):
 
 
 BUCKET = "jsonextract-test"
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints, in its storage folder
+
+
+def registered_checkpoint(read_snapshot: Callable[[], str]) -> bool:
+    """Whether Ray Train would resume from a checkpoint now: it resumes from the checkpoints its snapshot lists, and
+    lists one only after the upload and after its controller has taken in the report, which can be seconds after
+    the folder with its manifest is written. Losing the driver or a worker's node before then leaves nothing to
+    resume from, and the run starts over."""
+    try:
+        snapshot = json.loads(read_snapshot())
+    except (OSError, json.JSONDecodeError):  # not written yet, or caught half written
+        return False
+    return bool((snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name"))
 
 
 def put(fs, path: str, data: bytes) -> None:

@@ -22,7 +22,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import BUCKET, JSONEXTRACT, ROOT, SNIPS, put, train_adapter
+from conftest import BUCKET, JSONEXTRACT, ROOT, SNAPSHOT, SNIPS, put, registered_checkpoint, train_adapter
 
 PORT = 8016
 
@@ -101,13 +101,11 @@ def test_training_on_two_nodes_from_the_bucket_survives_losing_a_node(cluster, s
     log = tmp_path / "train.log"
     proc = start(cmd, job_env(c, s3), log)
 
-    def checkpointed() -> bool:
-        import pyarrow.fs as pafs
-        found = s3["fs"].get_file_info(pafs.FileSelector(f"{BUCKET}/cluster/runs/nodes", recursive=True,
-                                                         allow_not_found=True))
-        return any(f.path.endswith("/manifest.json") for f in found)
+    def read_snapshot() -> str:
+        with s3["fs"].open_input_stream(f"{BUCKET}/cluster/runs/nodes/{SNAPSHOT}") as f:
+            return f.read().decode()
 
-    wait_until(checkpointed, proc, log, "the first checkpoint in the bucket")
+    wait_until(lambda: registered_checkpoint(read_snapshot), proc, log, "the first checkpoint registered")
     fresh = replace_node(c, node_b)
     assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
 

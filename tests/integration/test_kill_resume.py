@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from conftest import JSONEXTRACT, ROOT, SNIPS
+from conftest import JSONEXTRACT, ROOT, SNAPSHOT, SNIPS, registered_checkpoint
 
 ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", TOKENIZERS_PARALLELISM="false")
 
@@ -70,17 +70,6 @@ def test_batch_driver_killed_half_way_then_rerun_outputs_every_row_once(tiny_mod
     assert summary["rows_skipped_already_done"] > 0  # the second run resumed, it did not start over
 
 
-def registered_checkpoint(run: Path) -> bool:
-    """Ray Train resumes from the checkpoints its snapshot lists. It lists one only after the upload and after its
-    controller has taken in the report, which can be seconds after the folder with its manifest is written: killing
-    the driver before then leaves nothing to resume from."""
-    try:
-        snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught half written
-        return False
-    return bool((snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name"))
-
-
 def test_training_driver_killed_after_a_checkpoint_then_rerun_resumes(tiny_model, tmp_path):
     storage = tmp_path / "runs"
     cmd = [JSONEXTRACT, "train", "--config", "configs/train/tiny_cpu.yaml", f"model.name={tiny_model}",
@@ -90,7 +79,7 @@ def test_training_driver_killed_after_a_checkpoint_then_rerun_resumes(tiny_model
            f"data.cache_dir={tmp_path / 'cache'}", "data.max_train_records=400"]
     log = tmp_path / "first.log"
     proc = start(cmd, log)
-    kill_when(proc, lambda: registered_checkpoint(storage / "killed"), log)
+    kill_when(proc, lambda: registered_checkpoint((storage / "killed" / SNAPSHOT).read_text), log)
 
     before = temporary_folders()
     second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
