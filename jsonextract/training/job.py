@@ -95,17 +95,23 @@ def save_output(ckpt_dir: str, out_dir: str | Path) -> None:
     shutil.copytree(ckpt_dir, out, ignore=shutil.ignore_patterns("trainer_state.pt"))
 
 
+def fit_to(cfg: TrainConfig, out_dir: str | Path) -> dict:
+    """Train, write the final adapter to the local folder `out_dir`, and return the final metrics."""
+    ckpt, metrics = fit_with_ray(cfg) if cfg.run.use_ray else fit_locally(cfg)
+    save_output(ckpt, out_dir)
+    if cfg.run.use_ray:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the temporary local copy of the stored final checkpoint
+    return metrics
+
+
 def main(argv: list[str]) -> int:
     cfg = parse_args(TrainConfig, argv, __doc__)
     preflight(cfg)
     cfg = absolute_paths(cfg)
     t0 = time.time()
-    ckpt, metrics = fit_with_ray(cfg) if cfg.run.use_ray else fit_locally(cfg)
     # The adapter is finished in a local folder (calibration writes its manifest), then copied where it belongs.
     local_out = Path(tempfile.mkdtemp(prefix="adapter-")) / "adapter" if is_uri(cfg.run.output_dir) else cfg.run.output_dir
-    save_output(ckpt, local_out)
-    if cfg.run.use_ray:
-        shutil.rmtree(ckpt, ignore_errors=True)  # the temporary local copy of the stored final checkpoint
+    metrics = fit_to(cfg, local_out)
     if cfg.eval.calibration_records and cfg.data.dev_file:
         t1 = time.time()
         cal = calibrate_adapter(str(local_out), cfg.model, cfg.decoding, cfg.data.dev_file,

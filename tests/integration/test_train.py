@@ -28,9 +28,7 @@ def tiny_cfg(tiny_model: Path, tmp: Path, name: str, **over) -> TrainConfig:
 
 def run_fit(cfg: TrainConfig):
     cfg = train_job.absolute_paths(cfg)
-    ckpt, metrics = train_job.fit_with_ray(cfg) if cfg.run.use_ray else train_job.fit_locally(cfg)
-    train_job.save_output(ckpt, cfg.run.output_dir)
-    return Path(cfg.run.output_dir), metrics
+    return Path(cfg.run.output_dir), train_job.fit_to(cfg, cfg.run.output_dir)
 
 
 def history(adapter: Path) -> list[dict]:
