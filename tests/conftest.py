@@ -41,6 +41,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def adapter_copies(tmp_path_factory):
+    """Copies of object-store folders go to this session's temporary folder, not the user's cache: set before
+    any Ray node or job starts, so every process the tests start inherits it."""
+    os.environ["JSONEXTRACT_COPIES"] = str(tmp_path_factory.mktemp("copies"))
+
+
 @pytest.fixture(scope="session")
 def snips_schema():
     from jsonextract.data.schema import load_schema

@@ -6,7 +6,7 @@ so their rows are extracted again is an explicit step of resuming a batch job (`
 """
 from __future__ import annotations
 
-import atexit
+import hashlib
 import json
 import os
 import shutil
@@ -62,12 +62,20 @@ def sibling(location: str | Path, name: str) -> str:
     return str(Path(location).with_name(name))
 
 
+# Where folders copied from object storage are kept, one entry per version of a folder (its location and its files'
+# names, sizes and modification times): every process on a machine that loads the same adapter shares one copy. A
+# folder per process would be left behind whenever Ray ends the process with a kill (a replica or a worker at
+# shutdown), which skips any clean-up, and a node's disk would fill with one copy per replica start. Kept until
+# removed by hand (a process may load from its copy at any time); $JSONEXTRACT_COPIES moves the folder.
+COPIES_ENV, COPIES_DEFAULT = "JSONEXTRACT_COPIES", "~/.cache/jsonextract/copies"
+
 _copies: dict[str, Path] = {}
 
 
 def local_folder(location: str | Path) -> Path:
-    """A local folder with what `location` holds: a local folder as it is; a folder in object storage copied once per
-    process into a temporary folder (an adapter a replica or a job loads, e.g. s3://bucket/adapters/snips)."""
+    """A local folder with what `location` holds: a local folder as it is; a folder in object storage copied into
+    the copies folder (once per version of it, reused by later processes) and read from there (an adapter a
+    replica or a job loads, e.g. s3://bucket/adapters/snips). A process keeps the version it first saw."""
     location = str(location)
     if not is_uri(location):
         return Path(location)
@@ -75,12 +83,27 @@ def local_folder(location: str | Path) -> Path:
         fs, path = filesystem(location)
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             raise UserError(f"folder not found: {location}")
-        tmp = tempfile.mkdtemp(prefix="jsonextract-copy-")
-        atexit.register(shutil.rmtree, tmp, True)  # kept for the process's life: models load from it lazily
-        dest = Path(tmp) / PurePosixPath(path).name
-        dest.mkdir()
-        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        _copies[location] = dest
+        files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if f.type == pafs.FileType.File]
+        version = sorted((f.path, f.size, f.mtime_ns) for f in files)
+        key = hashlib.sha256(json.dumps([location, version]).encode()).hexdigest()[:24]
+        root = Path(os.environ.get(COPIES_ENV) or COPIES_DEFAULT).expanduser()
+        entry = root / key / PurePosixPath(path).name
+        if not entry.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".copying-", dir=root))
+            try:
+                dest = tmp / entry.name
+                dest.mkdir()
+                pafs.copy_files(path, str(dest), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                os.rename(tmp, root / key)  # one rename: a reader never sees half a copy
+            except OSError:
+                if not entry.is_dir():  # not a process on this machine that finished the same copy first
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        _copies[location] = entry
     return _copies[location]
 
 

@@ -73,7 +73,7 @@ class AdapterRegistry:
             src = self._remote[name]
             if "://" not in self.root or src == self.single:
                 self._local[name] = Path(src)
-            else:  # copied once per process
+            else:  # a local copy, shared by the processes on this machine (io.local_folder)
                 self._local[name] = local_folder(self.root.rstrip("/") + "/" + name)
         return self._local[name]
 

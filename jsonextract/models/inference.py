@@ -41,7 +41,7 @@ def load_for_inference(model_cfg: ModelConfig, adapter: str | None, device: str 
     schema = None
     tok_source = model_cfg.name
     if adapter:
-        adapter = str(local_folder(adapter))  # a URI: copied once per process
+        adapter = str(local_folder(adapter))  # a URI: a local copy shared by the processes on this machine
         if not Path(adapter).is_dir():
             raise ModelLoadError(f"adapter directory not found: {adapter}")
         manifest = read_manifest(adapter)

@@ -93,6 +93,32 @@ def test_reading_results_has_no_side_effects_and_resume_quarantines_explicitly(t
     assert read_results(tmp_path, ["id", "error"]) == [{"id": "a", "error": None}, {"id": "b", "error": None}]
 
 
+def test_a_folder_in_object_storage_is_copied_once_per_version_and_shared_by_processes(tmp_path, monkeypatch):
+    """file:// goes through the same pyarrow filesystem code as s3://. A later process (a fresh memo) reuses the
+    copy of an unchanged folder instead of leaving one copy per process; a changed folder gets a new copy."""
+    from jsonextract.data import io
+
+    monkeypatch.setenv("JSONEXTRACT_COPIES", str(tmp_path / "copies"))
+    monkeypatch.setattr(io, "_copies", {})
+    remote = tmp_path / "bucket" / "adapter"
+    remote.mkdir(parents=True)
+    (remote / "weights.bin").write_bytes(b"v1")
+    first = io.local_folder(f"file://{remote}")
+    assert first.name == "adapter" and first.parent.parent == tmp_path / "copies"
+    assert (first / "weights.bin").read_bytes() == b"v1"
+    monkeypatch.setattr(io, "_copies", {})  # another process on the machine
+    assert io.local_folder(f"file://{remote}") == first
+    (remote / "weights.bin").write_bytes(b"v2 retrained")
+    assert io.local_folder(f"file://{remote}") == first  # a process keeps the version it first saw
+    monkeypatch.setattr(io, "_copies", {})
+    second = io.local_folder(f"file://{remote}")
+    assert second != first and (second / "weights.bin").read_bytes() == b"v2 retrained"
+    assert (first / "weights.bin").read_bytes() == b"v1"  # a process still reading the old version keeps it
+    assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == sorted([first.parent.name, second.parent.name])
+    with pytest.raises(UserError, match="folder not found"):
+        io.local_folder(f"file://{tmp_path / 'bucket' / 'missing'}")
+
+
 def test_replica_device_follows_the_gpus_it_was_given():
     """No GPUs asked for: the CPU. GPUs asked for on a machine without CUDA: an error naming the setting, not a
     replica that quietly runs on the CPU (or one that waits for a GPU forever)."""
