@@ -72,6 +72,21 @@ COPIES_ENV, COPIES_DEFAULT = "JSONEXTRACT_COPIES", "~/.cache/jsonextract/copies"
 _copies: dict[str, Path] = {}
 
 
+def copies_root() -> Path:
+    """$JSONEXTRACT_COPIES, else ~/.cache/jsonextract/copies; a folder in the temporary directory where that one
+    cannot be made or written (a read-only home on a cluster node): a load never fails for want of a cache."""
+    root = Path(os.environ.get(COPIES_ENV) or COPIES_DEFAULT).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"jsonextract-copies-{os.getuid()}"
+    fallback.mkdir(exist_ok=True)
+    return fallback
+
+
 def local_folder(location: str | Path) -> Path:
     """A local folder with what `location` holds: a local folder as it is; a folder in object storage copied into
     the copies folder (once per version of it, reused by later processes) and read from there (an adapter a
@@ -87,10 +102,9 @@ def local_folder(location: str | Path) -> Path:
                  if f.type == pafs.FileType.File]
         version = sorted((f.path, f.size, f.mtime_ns) for f in files)
         key = hashlib.sha256(json.dumps([location, version]).encode()).hexdigest()[:24]
-        root = Path(os.environ.get(COPIES_ENV) or COPIES_DEFAULT).expanduser()
+        root = copies_root()
         entry = root / key / PurePosixPath(path).name
         if not entry.is_dir():
-            root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".copying-", dir=root))
             try:
                 dest = tmp / entry.name

@@ -95,7 +95,9 @@ def test_reading_results_has_no_side_effects_and_resume_quarantines_explicitly(t
 
 def test_a_folder_in_object_storage_is_copied_once_per_version_and_shared_by_processes(tmp_path, monkeypatch):
     """file:// goes through the same pyarrow filesystem code as s3://. A later process (a fresh memo) reuses the
-    copy of an unchanged folder instead of leaving one copy per process; a changed folder gets a new copy."""
+    copy of an unchanged folder instead of leaving one copy per process; a changed folder gets a new copy; where
+    the copies folder cannot be made, the temporary directory takes its place."""
+    import tempfile
     from jsonextract.data import io
 
     monkeypatch.setenv("JSONEXTRACT_COPIES", str(tmp_path / "copies"))
@@ -117,6 +119,11 @@ def test_a_folder_in_object_storage_is_copied_once_per_version_and_shared_by_pro
     assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == sorted([first.parent.name, second.parent.name])
     with pytest.raises(UserError, match="folder not found"):
         io.local_folder(f"file://{tmp_path / 'bucket' / 'missing'}")
+    monkeypatch.setenv("JSONEXTRACT_COPIES", str(remote / "weights.bin" / "copies"))  # cannot be made
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(io, "_copies", {})
+    assert io.local_folder(f"file://{remote}").parent.parent.parent == tmp_path / "tmp"
 
 
 def test_replica_device_follows_the_gpus_it_was_given():
