@@ -92,8 +92,7 @@ def train_adapter(base, out, data, name, tmp):
             "eval.decode_samples=0", "run.use_ray=false", f"run.name={name}", f"run.storage_path={tmp / 'runs'}",
             f"data.cache_dir={tmp / 'cache'}", "run.checkpoint_every_steps=0"]
     cfg = train_job.absolute_paths(C.load(TrainConfig, None, over))
-    ckpt, _ = train_job.fit_locally(cfg)
-    train_job.save_output(ckpt, str(out))
+    train_job.fit_to(cfg, out)
 
 
 BUCKET = "jsonextract-test"
