@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +29,10 @@ def chromium() -> tuple[str, str]:
     return shutil.which("chromium"), shutil.which("chromedriver")
 
 
+def chromium_folders() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("org.chromium.Chromium.*")}
+
+
 @pytest.fixture(scope="module")
 def app(ray_session, tiny_model):
     from ray import serve
@@ -40,7 +46,7 @@ def app(ray_session, tiny_model):
     serve.shutdown()
 
 
-def test_page_extracts_and_highlights_in_a_real_browser(app):
+def test_page_extracts_and_highlights_in_a_real_browser(app, tmp_path):
     browser, driver_path = chromium()
     os.environ["SE_OFFLINE"] = "true"  # selenium must not fetch a driver or a browser
     from selenium import webdriver
@@ -52,7 +58,12 @@ def test_page_extracts_and_highlights_in_a_real_browser(app):
     opts.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,900"):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
+    # Chromium puts its single-instance socket in a folder of the temporary directory that it leaves behind when
+    # chromedriver ends it: TMPDIR keeps that folder in the test's own.
+    service = Service(driver_path, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    before = chromium_folders()
+    driver = webdriver.Chrome(service=service, options=opts)
     try:
         driver.get(URL + "/")
         wait = WebDriverWait(driver, 60)
@@ -81,3 +92,4 @@ def test_page_extracts_and_highlights_in_a_real_browser(app):
         assert shot.stat().st_size > 10_000
     finally:
         driver.quit()
+    assert chromium_folders() <= before, chromium_folders() - before  # nothing left in the temporary directory
