@@ -164,3 +164,33 @@ def test_the_repository_stands_on_its_own():
             if any(needle in text for needle in ("../" + "shared", '"shared" / ' + '"data"', "parent / " + '"shared"')):
                 offenders.append(str(rel))
     assert not offenders, offenders
+
+
+def test_a_health_check_interval_the_user_exported_reaches_the_local_ray(monkeypatch):
+    """The training job starts a local Ray with the controller's poll interval in its runtime environment: the
+    value exported by the user, not a fixed one (the default only where nothing was exported)."""
+    import ray
+
+    from jsonextract.config.train import TrainConfig
+    from jsonextract.training import job
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(**kw):
+        seen.append(kw["runtime_env"]["env_vars"])
+        raise Stop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    cfg = C.load(TrainConfig, None, [])
+    for exported, expected in (("1.5", "1.5"), (None, "0.2")):
+        if exported is None:
+            monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+        else:
+            monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", exported)
+        with pytest.raises(Stop):
+            job.fit_with_ray(cfg)
+        assert seen[-1]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == expected
