@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -105,6 +106,7 @@ def local_folder(location: str | Path) -> Path:
         root = copies_root()
         entry = root / key / PurePosixPath(path).name
         if not entry.is_dir():
+            remove_abandoned_copies(root)
             tmp = Path(tempfile.mkdtemp(prefix=".copying-", dir=root))
             try:
                 dest = tmp / entry.name
@@ -119,6 +121,22 @@ def local_folder(location: str | Path) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
         _copies[location] = entry
     return _copies[location]
+
+
+# A `.copying-*` folder older than this was left by a process killed mid-copy: a copy in progress is renamed
+# into place when it ends, and no adapter copy takes a day.
+ABANDONED_COPY_S = 24 * 3600
+
+
+def remove_abandoned_copies(root: Path) -> None:
+    """Delete the half-made copies in the copies folder that processes killed while copying left behind."""
+    cutoff = time.time() - ABANDONED_COPY_S
+    for folder in root.glob(".copying-*"):
+        try:
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # removed by another process meanwhile
+            pass
 
 
 def put_folder(local: str | Path, location: str | Path) -> None:

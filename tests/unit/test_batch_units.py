@@ -1,6 +1,8 @@
 """Batch-job pieces that need no Ray: input resolution (paths, globs, URIs), per-file parsing, batch sizing, chunk merging."""
 import json
 import math
+import os
+import time
 
 import pytest
 
@@ -117,6 +119,16 @@ def test_a_folder_in_object_storage_is_copied_once_per_version_and_shared_by_pro
     assert second != first and (second / "weights.bin").read_bytes() == b"v2 retrained"
     assert (first / "weights.bin").read_bytes() == b"v1"  # a process still reading the old version keeps it
     assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == sorted([first.parent.name, second.parent.name])
+    # a copy left half made by a killed process is removed by the next copy once it is old; a recent one (maybe
+    # still being written by another process) is left alone
+    old, recent = tmp_path / "copies" / ".copying-killed", tmp_path / "copies" / ".copying-busy"
+    for folder in (old, recent):
+        (folder / "adapter").mkdir(parents=True)
+    os.utime(old, (time.time() - io.ABANDONED_COPY_S - 60,) * 2)
+    (remote / "weights.bin").write_bytes(b"v3")
+    monkeypatch.setattr(io, "_copies", {})
+    io.local_folder(f"file://{remote}")
+    assert not old.exists() and recent.is_dir()
     with pytest.raises(UserError, match="folder not found"):
         io.local_folder(f"file://{tmp_path / 'bucket' / 'missing'}")
     monkeypatch.setenv("JSONEXTRACT_COPIES", str(remote / "weights.bin" / "copies"))  # cannot be made
