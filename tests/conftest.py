@@ -19,7 +19,6 @@ JSONEXTRACT = str(Path(sys.executable).with_name("jsonextract"))  # the installe
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # each ray.train.report otherwise blocks ~1.3 s
 
 
 def has_gpu() -> bool:
