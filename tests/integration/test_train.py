@@ -19,8 +19,8 @@ def tiny_cfg(tiny_model: Path, tmp: Path, name: str, **over) -> TrainConfig:
             f"data.train_file={SNIPS / 'train.jsonl'}", f"data.dev_file={SNIPS / 'dev.jsonl'}",
             "data.max_train_records=400", "optim.batch_size=8", "optim.max_steps=6", "optim.warmup_steps=1",
             "optim.lr=3e-3", "eval.every_steps=0", "eval.loss_examples=16", "eval.decode_samples=4",
-            "decoding.max_new_tokens=24", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0",
-            "lora.target_modules=[q_proj,v_proj,lm_head]",
+            "eval.calibration_records=0", "decoding.max_new_tokens=24", "lora.r=8", "lora.alpha=16",
+            "lora.dropout=0.0", "lora.target_modules=[q_proj,v_proj,lm_head]",
             f"run.name={name}", f"run.storage_path={tmp / 'runs'}", f"run.output_dir={tmp / 'out' / name}",
             "run.checkpoint_every_steps=2", "run.log_every_steps=1", "run.keep_checkpoints=2"]
     return C.load(TrainConfig, None, base + [f"{k}={v}" for k, v in over.items()])
